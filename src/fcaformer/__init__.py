@@ -1,0 +1,23 @@
+"""FcaFormer: forward cross attention in a hybrid vision transformer (arXiv 2211.07198).
+
+Importing the package registers ``fcaformer_l0`` ... ``fcaformer_l4`` with timm.
+"""
+
+from .checkpoint import CheckpointError, checkpoint_filter_fn, load_official
+from .layers import FcaBlock, FcaStage
+from .models import MODEL_NAMES, FcaFormer, FcaFormerDense, FcaFormerPlain, create_dense_backbone
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODEL_NAMES",
+    "CheckpointError",
+    "FcaBlock",
+    "FcaFormer",
+    "FcaFormerDense",
+    "FcaFormerPlain",
+    "FcaStage",
+    "checkpoint_filter_fn",
+    "create_dense_backbone",
+    "load_official",
+]

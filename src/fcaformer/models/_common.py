@@ -1,0 +1,92 @@
+"""Pieces shared by the hybrid and plain models: input validation, head, initialisation."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+MIN_INPUT_SIZE = 32
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Raise ``ValueError`` (expected vs got) unless ``x`` is a float ``(B, in_chans, H, W)`` batch, H, W >= 32."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(
+            f"expected a 4-D (batch, channels, height, width) tensor, got {x.ndim}-D with shape {tuple(x.shape)}"
+            + ("; add a batch dim with x.unsqueeze(0)" if x.ndim == 3 else "")
+        )
+    if not x.is_floating_point():
+        raise ValueError(
+            f"expected a floating-point tensor, got {x.dtype}; convert images with x.float() / 255 and normalize"
+        )
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"expected height and width >= {MIN_INPUT_SIZE}, got {x.shape[2]}x{x.shape[3]}; resize the input"
+        )
+    return x
+
+
+POOL_TYPES = ("avg", "max", "token", "")
+
+
+class ClassifierHead(nn.Module):
+    """Pool, LayerNorm (skipped with ``norm_eps=None``), dropout, linear.
+
+    ``pool_type`` is ``"avg"`` / ``"max"`` over a ``(B, C, H, W)`` map, ``"token"`` (take token 0 of a
+    ``(B, N, C)`` sequence) or ``""`` (no pooling: the norm and classifier act per position, and a map stays a
+    channels-first map).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        pool_type: str = "avg",
+        drop_rate: float = 0.0,
+        norm_eps: float | None = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm_eps is not None else nn.Identity()
+        self.drop = nn.Dropout(drop_rate)
+        self.pool_type = ""
+        self.fc: nn.Module = nn.Identity()
+        self.reset(num_classes, pool_type)
+
+    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        """Replace the classifier (fresh init) and optionally the pooling."""
+        if pool_type is not None:
+            if pool_type not in POOL_TYPES:
+                raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {pool_type!r}")
+            self.pool_type = pool_type
+        self.fc = nn.Linear(self.dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            init_weights_(self.fc)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        is_map = x.ndim == 4
+        if self.pool_type == "avg":
+            x = x.mean((2, 3)) if is_map else x.mean(1)
+        elif self.pool_type == "max":
+            x = x.amax((2, 3)) if is_map else x.amax(1)
+        elif self.pool_type == "token":
+            x = x[:, 0]
+        elif is_map:
+            x = x.permute(0, 2, 3, 1)
+        x = self.drop(self.norm(x))
+        if not pre_logits:
+            x = self.fc(x)
+        return x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+
+
+def init_weights_(module: nn.Module) -> None:
+    """From-scratch init: conv/linear weights truncated normal std 0.02 and zero bias (norms keep 1/0)."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,213 @@
+"""Plain FcaFormer-L0: DeiT-Tiny whose blocks are Fca blocks (SPEC section 4; the release has no code for it)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from ..layers import FcaStage, LsfPlacement
+from ._common import ClassifierHead, check_image_batch, init_weights_
+
+
+class FcaFormerPlain(nn.Module):
+    """DeiT with forward cross attention.
+
+    The class token is a regular token (query, key and value) but is never merged into cross tokens nor passed
+    through the enhance conv; the patch tokens form the grid. A learned absolute position embedding (resampled
+    for other input sizes) replaces the hybrid's relative-position tables. Inputs of any size ``>= 32`` are
+    padded up to a multiple of the patch size.
+
+    Args:
+        img_size: training resolution (fixes the position embedding and the native cross-token grid).
+        patch_size: patch side.
+        in_chans: input channels.
+        num_classes: classifier outputs (0: none).
+        global_pool: ``"token"`` (class token, DeiT), ``"avg"`` (mean of patch tokens) or ``""``.
+        embed_dim, depth, num_heads, mlp_ratio: transformer size (DeiT-Tiny by default).
+        cab_max_d, cross_attention, lsf, enhance: forward-cross-attention switches, as in the hybrid.
+        drop_rate, drop_path_rate: dropout before the head, stochastic depth (linear over the blocks).
+        ls_init_value: layer scale of the Fca blocks (``None``: none, as in DeiT).
+    """
+
+    num_prefix_tokens = 1
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        cab_max_d: int = 12,
+        cross_attention: bool = True,
+        lsf: LsfPlacement = "release",
+        enhance: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        ls_init_value: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC", strict_img_size=False,
+            dynamic_img_pad=True,
+        )
+        self.grid_size = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size[0] * self.grid_size[1], embed_dim))
+        self.blocks = FcaStage(
+            embed_dim,
+            embed_dim,
+            depth,
+            num_heads,
+            self.grid_size,
+            cab_max_d=cab_max_d,
+            cross_attention=cross_attention,
+            drop_path_rates=torch.linspace(0, drop_path_rate, depth).tolist(),
+            lsf=lsf,
+            enhance=enhance,
+            rel_pos=False,
+            num_prefix_tokens=1,
+            mlp_ratio=mlp_ratio,
+            ls_init_value=ls_init_value,
+            norm_eps=1e-6,
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        # the final LN belongs to the trunk (DeiT layout), so the head only pools and classifies
+        self.head = ClassifierHead(embed_dim, num_classes, global_pool, drop_rate, norm_eps=None)
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.blocks.{i}") for i in range(depth)
+        ]
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(init_weights_)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        extra = {n for n, _ in self.named_parameters() if n.endswith(("cross_bias", "cross_scale"))}
+        return {"pos_embed", "cls_token"} | extra
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.blocks\.(\d+)", None),
+                                                                       (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.blocks.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.patch_embed(check_image_batch(x, self.in_chans))
+        batch, height, width, channels = x.shape
+        pos_embed = self.pos_embed
+        if (height, width) != tuple(self.grid_size):
+            pos_embed = resample_abs_pos_embed(pos_embed, (height, width), self.grid_size, num_prefix_tokens=1)
+        tokens = torch.cat((self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, channels)), dim=1)
+        return tokens + pos_embed, (height, width)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-block patch-token maps (stride 16, ``NCHW`` or ``NLC``); the final output is normed tokens."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks.blocks), indices)
+        tokens, (height, width) = self._embed(x)
+        intermediates = []
+        for i, tokens in enumerate(self.blocks.iter_tokens(tokens, (height, width))):
+            if i in take_indices:
+                out = self.norm(tokens) if norm else tokens
+                patches = out[:, 1:]
+                if output_fmt == "NCHW":
+                    patches = patches.transpose(1, 2).reshape(patches.shape[0], -1, height, width)
+                intermediates.append(patches)
+            if stop_early and i >= max_index:
+                break
+        if intermediates_only:
+            return intermediates
+        return self.norm(tokens), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks.blocks), indices)
+        self.blocks.blocks = self.blocks.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images to normed ``(B, 1 + N, C)`` tokens (class token first)."""
+        tokens, grid = self._embed(x)
+        tokens = deque(self.blocks.iter_tokens(tokens, grid), maxlen=1).pop()
+        return self.norm(tokens)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.head.pool_type == "avg":
+            x = x[:, self.num_prefix_tokens :]
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "fcaformer_l0.untrained": {
+            "url": "",
+            "num_classes": 1000,
+            "input_size": (3, 224, 224),
+            "pool_size": None,
+            "crop_pct": 0.875,
+            "interpolation": "bicubic",
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head.fc",
+            "paper_ids": "arXiv:2211.07198",
+            "paper_name": "Fcaformer: Forward Cross Attention in Hybrid Vision Transformer",
+            "license": "apache-2.0 (this project's definition; the paper released no L0 code or weights)",
+        }
+    }
+)
+
+
+@register_model
+def fcaformer_l0(pretrained: bool = False, **kwargs: Any) -> FcaFormerPlain:
+    """FcaFormer-L0: DeiT-Tiny with forward cross attention (paper: 5.9 M params, 74.3 % top-1)."""
+    return build_model_with_cfg(
+        FcaFormerPlain,
+        "fcaformer_l0",
+        pretrained,
+        feature_cfg=dict(out_indices=(2, 5, 8, 11), feature_cls="getter"),
+        **kwargs,
+    )
