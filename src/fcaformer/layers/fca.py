@@ -63,7 +63,7 @@ class FcaAttention(nn.Module):
     """Multi-head attention of regular tokens over ``[regular; cross]`` keys.
 
     Queries come only from the regular tokens; keys and values of the cross tokens come from the same
-    ``qkv`` projection (their query is never computed). Logits get a relative-position bias between regular
+    ``qkv`` projection. Logits get a relative-position bias between regular
     tokens and one learnable bias per head and cross token.
 
     Args:
@@ -142,12 +142,11 @@ class FcaAttention(nn.Module):
             prefix = self.num_prefix_tokens
             logits = logits + (F.pad(position_bias, (prefix, 0, prefix, 0)) if prefix else position_bias)
         if cross is not None:
-            num_cross = cross.shape[1]
-            weight_kv = self.qkv.weight[channels:]
-            bias_kv = self.qkv.bias[channels:]
-            k_cross, v_cross = (
-                F.linear(cross, weight_kv, bias_kv)
-                .reshape(batch, num_cross, 2, self.num_heads, self.head_dim)
+            # Like the release, project a query for the cross tokens too and discard it: this path mirrors the
+            # release's cost (a fused fast path skips it).
+            _, k_cross, v_cross = (
+                self.qkv(cross)
+                .reshape(batch, cross.shape[1], 3, self.num_heads, self.head_dim)
                 .permute(2, 0, 3, 1, 4)
             )
             cross_logits = (q * self.scale) @ k_cross.transpose(-2, -1) + cross_bias
