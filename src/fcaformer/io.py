@@ -1,0 +1,92 @@
+"""Crash-safe file writes and the project's own checkpoint format."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint
+
+PROJECT_FORMAT = "fcaformer-checkpoint-v1"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
+    """Write a file all-or-nothing: ``write(fileobj)`` into a temp file beside ``path``, fsync, rename.
+
+    A crash or kill at any point leaves either the old file or the new one, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:
+    """``json.dump`` (indented) through :func:`atomic_write`."""
+    return atomic_write(path, lambda handle: json.dump(obj, handle, indent=2), binary=False)
+
+
+def model_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, Any], **extra: Any) -> dict:
+    """A self-describing checkpoint: enough to rebuild ``model`` with :func:`load_model` alone.
+
+    ``extra`` entries (e.g. ``class_names``, ``metrics``) are stored alongside.
+    """
+    return {
+        "format": PROJECT_FORMAT,
+        "model_name": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+
+
+def save_model(
+    path: str | os.PathLike, model: nn.Module, model_name: str, model_kwargs: dict[str, Any], **extra: Any
+) -> Path:
+    """Atomically save a :func:`model_checkpoint`."""
+    return atomic_torch_save(model_checkpoint(model, model_name, model_kwargs, **extra), path)
+
+
+def load_model(checkpoint: str | os.PathLike | dict[str, Any], **overrides: Any) -> tuple[nn.Module, dict]:
+    """Rebuild and load a model saved with :func:`save_model`; returns ``(model in eval mode, checkpoint)``.
+
+    ``overrides`` change constructor arguments (not the architecture). Loading is all-or-nothing.
+    """
+    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    if not isinstance(raw, dict) or raw.get("format") != PROJECT_FORMAT:
+        raise CheckpointError(
+            f"not an fcaformer project checkpoint (no format={PROJECT_FORMAT!r}); "
+            "for the authors' release checkpoints use fcaformer.load_official"
+        )
+    import fcaformer  # noqa: F401  (registers the models)
+
+    model = timm.create_model(raw["model_name"], **{**raw["model_kwargs"], **overrides})
+    load_state_dict_strict(model, raw["state_dict"])
+    return model.eval(), raw
