@@ -1,0 +1,201 @@
+"""What to analyse: a model (project checkpoint, release checkpoint or timm name) and a set of images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+from torchvision.transforms import functional as TF
+
+from ..checkpoint import CheckpointError, load_official, read_checkpoint
+from ..io import PROJECT_FORMAT, load_model
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode and what is known about it."""
+
+    model: nn.Module
+    source: str
+    kind: str  # "project", "release" or "timm"
+    img_size: tuple[int, int]
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    class_names: list[str] | None = None
+    trained: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "class": type(self.model).__name__,
+            "img_size": list(self.img_size),
+            "trained_weights": self.trained,
+            **self.details,
+        }
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def native_img_size(model: nn.Module) -> tuple[int, int]:
+    """The training resolution a model was built for (224 when it does not say)."""
+    if hasattr(model, "img_size"):
+        return _pair(model.img_size)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None):
+        return _pair(patch_embed.img_size)
+    return (224, 224)
+
+
+def load_analysis_model(source: str | os.PathLike, **overrides: Any) -> LoadedModel:
+    """Load what to analyse, in eval mode.
+
+    Args:
+        source: a project checkpoint (``fcaformer.io.save_model``), a release checkpoint (any layout
+            ``fcaformer.load_official`` reads), or a registered model name (``fcaformer_l1``: random weights).
+        overrides: constructor arguments, e.g. ``window_size=(14, 7)`` for windowed attention.
+
+    Raises:
+        FileNotFoundError / ValueError: naming what was given and what is accepted.
+    """
+    import fcaformer  # noqa: F401  (registers the models with timm)
+
+    text = str(source)
+    path = Path(text)
+    if path.exists():
+        raw = read_checkpoint(path)
+        if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
+            model, checkpoint = load_model(raw, **overrides)
+            kwargs = checkpoint.get("model_kwargs", {})
+            img_size = _pair(kwargs["img_size"]) if "img_size" in kwargs else native_img_size(model)
+            details = {"model_name": checkpoint.get("model_name"), "model_kwargs": _jsonable(kwargs)}
+            names = checkpoint.get("class_names")
+            return LoadedModel(
+                model, text, "project", img_size, class_names=list(names) if names else None, details=details
+            )
+        try:
+            model = load_official(raw, **overrides)
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"{path} is neither a project checkpoint (format={PROJECT_FORMAT!r}) nor a release "
+                f"checkpoint: {error}"
+            ) from error
+        return LoadedModel(model, text, "release", native_img_size(model))
+    if text in timm.list_models("fcaformer*"):
+        model = timm.create_model(text, **overrides).eval()
+        return LoadedModel(
+            model,
+            text,
+            "timm",
+            native_img_size(model),
+            trained=False,
+            details={"note": "randomly initialised (no pretrained weights are downloaded)"},
+        )
+    if path.suffix or os.sep in text:
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raise ValueError(
+        f"{text!r} is neither an existing checkpoint file nor a model name; "
+        f"model names: {timm.list_models('fcaformer*')}"
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+
+
+@dataclass
+class ImageSet:
+    """Image files, with labels (class-folder names) when they come from a class-per-folder dataset."""
+
+    paths: list[Path]
+    labels: list[str | None]
+    root: str
+    classes: list[str] | None = None  # sorted class folders of a class-per-folder dataset (ImageFolder order)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def collect_images(inputs: Sequence[str | os.PathLike], num_images: int | None = None) -> ImageSet:
+    """Image files from files and folders, deterministically.
+
+    A folder with class sub-folders (``val/<class>/*.jpg``) is sampled round-robin over its classes (sorted),
+    so ``num_images`` covers every class evenly; its images are labelled with the class-folder name. A folder
+    of images is taken in sorted order. Files are read in place.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        ValueError: no images found.
+    """
+    paths: list[Path] = []
+    labels: list[str | None] = []
+    all_classes: list[str] | None = None
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"image or folder not found: {path}")
+        if path.is_file():
+            if not _is_image(path):
+                raise ValueError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)})")
+            paths.append(path)
+            labels.append(None)
+            continue
+        classes = sorted(p for p in path.iterdir() if p.is_dir())
+        per_class = [sorted(p for p in c.iterdir() if _is_image(p)) for c in classes]
+        if any(per_class):
+            all_classes = [c.name for c in classes] if all_classes is None else all_classes
+            for rank in range(max(len(files) for files in per_class)):
+                for folder, files in zip(classes, per_class, strict=False):
+                    if rank < len(files):
+                        paths.append(files[rank])
+                        labels.append(folder.name)
+        else:
+            files = sorted(p for p in path.iterdir() if _is_image(p))
+            paths += files
+            labels += [None] * len(files)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {[str(i) for i in inputs]}")
+    if num_images is not None:
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        paths, labels = paths[:num_images], labels[:num_images]
+    return ImageSet(paths, labels, ", ".join(str(i) for i in inputs), all_classes)
+
+
+def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB image resized (bicubic, whole, no crop) to ``size``: ``(3, H, W)`` floats in ``[0, 1]``."""
+    with Image.open(path) as image:
+        image = image.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+        return TF.to_tensor(image)
+
+
+def iter_batches(
+    images: ImageSet, size: tuple[int, int], batch_size: int, mean: Sequence[float], std: Sequence[float]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(normalised batch, raw batch in [0, 1])`` pairs over ``images``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(images), batch_size):
+        raw = torch.stack([load_image(p, size) for p in images.paths[start : start + batch_size]])
+        yield TF.normalize(raw, list(mean), list(std)), raw
