@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 from ..layers import Downsample, FcaStage, LsfPlacement, Stem, conv_out_size
+from ..layers.fca import fold_scale_into_linear_
 from ._common import ClassifierHead, check_image_batch, init_weights_
 
 ARCHS: dict[str, dict[str, tuple[int, ...]]] = {
@@ -43,8 +44,16 @@ class ConvStage(nn.Module):
         self.grad_checkpointing = False
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.Sequential(
-            *(ConvNeXtBlock(dim, ls_init_value=ls_init_value, drop_path=rate) for rate in drop_path_rates[:depth])
+            *(ConvNeXtBlock(dim, ls_init_value=ls_init_value or None, drop_path=rate) for rate in drop_path_rates[:depth])
         )
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold each block's layer scale into its last linear layer (timm's ``reparameterize_model`` calls this)."""
+        for block in self.blocks:
+            if block.gamma is not None and not block.use_conv_mlp:
+                fold_scale_into_linear_(block.mlp.fc2, block.gamma)
+                block.gamma = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -68,7 +77,7 @@ class FcaFormer(nn.Module):
         global_pool: ``"avg"``, ``"max"`` or ``""`` (no pooling).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
-        ls_init_value: initial layer scale of every block (``None``: no layer scale).
+        ls_init_value: initial layer scale of every block (``0``: no layer scale; timm drops ``None`` kwargs).
         cab_max_d: most recent blocks whose cross tokens each Fca block sees.
         cross_attention: ``False`` builds the identical network without cross tokens (the paper's baseline).
         lsf: LSF placement, ``"release"`` (before the cross-token LN, as released), ``"post_norm"`` or ``"none"``.

@@ -33,7 +33,7 @@ class FcaFormerPlain(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio: transformer size (DeiT-Tiny by default).
         cab_max_d, cross_attention, lsf, enhance: forward-cross-attention switches, as in the hybrid.
         drop_rate, drop_path_rate: dropout before the head, stochastic depth (linear over the blocks).
-        ls_init_value: layer scale of the Fca blocks (``None``: none, as in DeiT).
+        ls_init_value: layer scale of the Fca blocks (``0`` or ``None``: none, as in DeiT).
     """
 
     num_prefix_tokens = 1
