@@ -44,7 +44,10 @@ class ConvStage(nn.Module):
         self.grad_checkpointing = False
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.Sequential(
-            *(ConvNeXtBlock(dim, ls_init_value=ls_init_value or None, drop_path=rate) for rate in drop_path_rates[:depth])
+            *(
+                ConvNeXtBlock(dim, ls_init_value=ls_init_value or None, drop_path=rate)
+                for rate in drop_path_rates[:depth]
+            )
         )
 
     @torch.no_grad()

@@ -139,9 +139,10 @@ class FcaFormerPlain(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks.blocks), indices)
-        tokens, (height, width) = self._embed(x)
+        embedded, (height, width) = self._embed(x)
+        tokens = embedded
         intermediates = []
-        for i, tokens in enumerate(self.blocks.iter_tokens(tokens, (height, width))):
+        for i, tokens in enumerate(self.blocks.iter_tokens(embedded, (height, width))):
             if i in take_indices:
                 out = self.norm(tokens) if norm else tokens
                 patches = out[:, 1:]
