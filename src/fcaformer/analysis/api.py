@@ -87,9 +87,7 @@ class AnalysisResult:
         return [json_path, md_path, *figures]
 
 
-def _label_indices(
-    images: ImageSet, loaded: LoadedModel | None, num_classes: int
-) -> tuple[list[int], str] | None:
+def _label_indices(images: ImageSet, loaded: LoadedModel | None, num_classes: int) -> tuple[list[int], str] | None:
     """Class indices of the labelled images, or ``None`` when they cannot be matched to the classifier."""
     if not images.labels or any(label is None for label in images.labels):
         return None
@@ -213,8 +211,7 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
     if result.accuracy:
         acc = result.accuracy
         lines.append(
-            f"- top-1 on these images: {acc['top1']:.3f} ({acc['images']} images, "
-            f"labels: {acc['label_order']})"
+            f"- top-1 on these images: {acc['top1']:.3f} ({acc['images']} images, labels: {acc['label_order']})"
         )
     lines += [
         "",
@@ -247,23 +244,21 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
             "## LSFs and cross-token biases",
             "",
             "LSF change columns: relative RMS change when this block's LSFs are set to 1, on its real inputs "
-            "(normed cross tokens, block output, block output minus input).",
+            "(normed cross tokens, attention-branch output, block output).",
             "",
             "| block | LSF placement | LSF mean ± std [min, max] | LSF < 0 | bias mean ± std [min, max] | "
-            "normed-cross change | output change | update change |",
+            "normed-cross change | attention change | output change |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, entry in result.parameters.items():
             lsf, bias, eff = entry.get("lsf"), entry["bias"], effect.get(name, {})
-            lsf_text = (
-                f"{lsf['mean']:.3f} ± {lsf['std']:.3f} [{lsf['min']:.2f}, {lsf['max']:.2f}]" if lsf else "-"
-            )
+            lsf_text = f"{lsf['mean']:.3f} ± {lsf['std']:.3f} [{lsf['min']:.2f}, {lsf['max']:.2f}]" if lsf else "-"
             lines.append(
                 f"| {entry['label']} | {entry['lsf_placement']} | {lsf_text} | "
                 f"{_fmt(lsf['frac_negative'] if lsf else None, '.2f')} | "
                 f"{bias['mean']:.3f} ± {bias['std']:.3f} [{bias['min']:.2f}, {bias['max']:.2f}] | "
-                f"{_fmt(eff.get('normed_cross_change'), '.2e')} | {_fmt(eff.get('output_change'), '.2e')} | "
-                f"{_fmt(eff.get('update_change'), '.2e')} |"
+                f"{_fmt(eff.get('normed_cross_change'), '.2e')} | {_fmt(eff.get('attention_change'), '.2e')} | "
+                f"{_fmt(eff.get('output_change'), '.2e')} |"
             )
         model_effect = (result.lsf_effect or {}).get("model", {})
         if model_effect.get("logits_change") is not None:

@@ -103,9 +103,9 @@ def measure_lsf_effect(
 
     - ``normed_cross_change``: ``|s_hat(a) - s_hat(1)| / |s_hat(a)|`` of the normalised cross tokens fed to
       attention (release placement: ~0 unless an LSF is negative);
-    - ``output_change``: ``|y(a) - y(1)| / |y(a)|`` of the block's output tokens;
-    - ``update_change``: ``|y(a) - y(1)| / |y(a) - x|``, the same relative to how much the block changes its
-      input ``x`` (the residual stream dominates ``|y|``).
+    - ``attention_change``: ``|A(a) - A(1)| / |A(a)|`` of the attention branch's output (before the layer
+      scale), the part of the block the cross tokens enter;
+    - ``output_change``: ``|y(a) - y(1)| / |y(a)|`` of the block's output tokens.
 
     And for the whole model with all LSFs at ``value`` at once: ``logits_change`` (relative RMS) and
     ``top1_agreement`` (fraction of images with the same arg-max).
@@ -113,18 +113,23 @@ def measure_lsf_effect(
     Returns:
         ``{"blocks": {name: {...}}, "model": {...}}``; empty ``blocks`` when the model has no LSFs.
     """
-    found = [
-        (info, block)
-        for info, block in find_fca_blocks(model)
-        if getattr(block, "cross_scale", None) is not None
-    ]
+    found = [(info, block) for info, block in find_fca_blocks(model) if getattr(block, "cross_scale", None) is not None]
     norms = _SquaredNorms()
-    inside = False
+    # "compare": the per-block hooks measure; "rerun": a block is being re-run inside its own hook (the
+    # attention hooks store the reference output); "off": the whole-model reference pass, hooks stay silent.
+    state = {"mode": "compare"}
+    attention_out: dict[str, torch.Tensor] = {}
+
+    def attention_hook(info: BlockInfo):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if state["mode"] != "off":
+                attention_out[info.name] = output
+
+        return hook
 
     def block_hook(info: BlockInfo, block: FcaBlock):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            nonlocal inside
-            if inside:  # the re-run below calls this block again
+            if state["mode"] != "compare":
                 return
             x = args[0]
             grid = args[1] if len(args) > 1 else kwargs["grid"]
@@ -133,39 +138,36 @@ def measure_lsf_effect(
                 return
             cross_grid = cross_grid_size(tuple(grid))
             normed = block.normalize_cross(cross, cross_grid)
-            inside = True
+            attention = attention_out.get(info.name)
+            state["mode"] = "rerun"
             try:
                 with lsfs_replaced([block], value):
                     normed_ref = block.normalize_cross(cross, cross_grid)
                     out_ref = module(x, grid, cross)[0]
             finally:
-                inside = False
-            out = output[0]
+                state["mode"] = "compare"
             norms.add(f"{info.name}/normed", normed - normed_ref, normed)
-            norms.add(f"{info.name}/output", out - out_ref, out)
-            norms.add(f"{info.name}/update", out - out_ref, out - x)
+            norms.add(f"{info.name}/output", output[0] - out_ref, output[0])
+            if attention is not None:
+                norms.add(f"{info.name}/attention", attention - attention_out[info.name], attention)
 
         return hook
 
-    handles = [
-        block.register_forward_hook(block_hook(info, block), with_kwargs=True) for info, block in found
-    ]
+    handles = [block.register_forward_hook(block_hook(info, block), with_kwargs=True) for info, block in found]
+    handles += [block.attn.register_forward_hook(attention_hook(info)) for info, block in found]
     logits_norms = _SquaredNorms()
     agree = total = 0
     try:
         for images in tqdm(list(batches), desc="LSF effect", disable=not progress or not found, leave=False):
-            out = model(images)
             if not found:
                 break
-            for handle in handles:  # the reference pass must not trigger the per-block comparisons
-                handle.remove()
-            handles = []
-            with lsfs_replaced([block for _, block in found], value):
-                ref = model(images)
-            handles = [
-                block.register_forward_hook(block_hook(info, block), with_kwargs=True)
-                for info, block in found
-            ]
+            out = model(images)
+            state["mode"] = "off"
+            try:
+                with lsfs_replaced([block for _, block in found], value):
+                    ref = model(images)
+            finally:
+                state["mode"] = "compare"
             if isinstance(out, torch.Tensor):
                 logits_norms.add("logits", out - ref, out)
                 if out.ndim == 2:
@@ -179,8 +181,8 @@ def measure_lsf_effect(
             "label": info.label,
             "lsf_placement": info.lsf,
             "normed_cross_change": norms.ratio(f"{info.name}/normed"),
+            "attention_change": norms.ratio(f"{info.name}/attention"),
             "output_change": norms.ratio(f"{info.name}/output"),
-            "update_change": norms.ratio(f"{info.name}/update"),
         }
         for info, _ in found
     }

@@ -19,9 +19,7 @@ from .recorder import MapCapture  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
-    written = atomic_write(
-        path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
-    )
+    written = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return written
 
@@ -40,9 +38,7 @@ def plot_share_heatmap(blocks: dict[str, dict[str, Any]], path: str | os.PathLik
     cross tokens. Cells that are not sources of the block are blank.
     """
     stages = _stages(blocks)
-    fig, axes = plt.subplots(
-        1, len(stages), figsize=(4.2 * len(stages) + 1, 4.2), squeeze=False, layout="constrained"
-    )
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages) + 1, 4.2), squeeze=False, layout="constrained")
     image = None
     for ax, (stage, members) in zip(axes[0], stages.items(), strict=False):
         depth = len(members)
@@ -90,9 +86,7 @@ def plot_share_by_depth(
         labels = [b["label"] for b in ordered] if len(ordered) > len(labels) else labels
         x = np.arange(len(ordered))
         mean = np.array([b["attention"].get("cross_share", np.nan) for b in ordered], dtype=float)
-        spread = np.array(
-            [b["attention"].get("cross_share_std_over_images", np.nan) for b in ordered], dtype=float
-        )
+        spread = np.array([b["attention"].get("cross_share_std_over_images", np.nan) for b in ordered], dtype=float)
         heads = [b["attention"].get("cross_share_per_head") for b in ordered]
         low = np.array([min(h) if h else np.nan for h in heads], dtype=float)
         high = np.array([max(h) if h else np.nan for h in heads], dtype=float)
@@ -167,9 +161,7 @@ def plot_attention_maps(
     picture = image.permute(1, 2, 0).clamp(0, 1).numpy()
     height, width = picture.shape[:2]
     columns = 2 + max(c.block.num_sources for c in captures)
-    fig, axes = plt.subplots(
-        len(captures), columns, figsize=(2.3 * columns, 2.4 * len(captures)), squeeze=False
-    )
+    fig, axes = plt.subplots(len(captures), columns, figsize=(2.3 * columns, 2.4 * len(captures)), squeeze=False)
     for row, capture in zip(axes, captures, strict=False):
         probs = capture.probs.mean(0).numpy()  # mean over heads
         gh, gw = capture.grid
@@ -182,9 +174,7 @@ def plot_attention_maps(
         tok_h, tok_w = height / gh, width / gw
         qr, qc = capture.query
         row[0].imshow(picture)
-        row[0].add_patch(
-            plt.Rectangle((qc * tok_w, qr * tok_h), tok_w, tok_h, fill=False, color="cyan", lw=2)
-        )
+        row[0].add_patch(plt.Rectangle((qc * tok_w, qr * tok_h), tok_w, tok_h, fill=False, color="cyan", lw=2))
         row[0].set_title(f"{capture.block.label} query ({qr},{qc})", fontsize=8)
         row[0].set_xticks([])
         row[0].set_yticks([])

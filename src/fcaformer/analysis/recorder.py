@@ -39,9 +39,7 @@ class ShareAccumulator:
     head_sumsq: torch.Tensor | None = None
     mean_sum: torch.Tensor | None = None  # (K,) of the head-averaged share
     mean_sumsq: torch.Tensor | None = None
-    per_image: list[torch.Tensor] = field(
-        default_factory=list
-    )  # (B, heads, K) means over windows and queries
+    per_image: list[torch.Tensor] = field(default_factory=list)  # (B, heads, K) means over windows and queries
 
     def add(self, shares: torch.Tensor) -> None:
         """Add ``(B, windows, heads, N, K)`` shares."""
@@ -105,9 +103,7 @@ class ShareAccumulator:
             cross_share_per_head=head_cross.mean(0).tolist(),
             # Attention a single cross token gets relative to a single regular token: > 1 means a cross token
             # attracts more than its number alone would give it.
-            per_token_ratio=(cross / num_cross) / (regular / self.num_regular)
-            if num_cross and regular
-            else None,
+            per_token_ratio=(cross / num_cross) / (regular / self.num_regular) if num_cross and regular else None,
         )
         return out
 
@@ -131,9 +127,7 @@ def query_cell(position: tuple[float, float], grid: Grid) -> Grid:
     """Grid cell ``(row, col)`` of a relative image position ``(y, x)`` in ``[0, 1]``."""
     y, x = position
     if not (0 <= y <= 1 and 0 <= x <= 1):
-        raise ValueError(
-            f"query positions are relative (y, x) in [0, 1], got {position}; e.g. (0.5, 0.5) = centre"
-        )
+        raise ValueError(f"query positions are relative (y, x) in [0, 1], got {position}; e.g. (0.5, 0.5) = centre")
     return min(int(y * grid[0]), grid[0] - 1), min(int(x * grid[1]), grid[1] - 1)
 
 
@@ -217,21 +211,15 @@ class AttentionRecorder:
     # ----------------------------------------------------------------------------------------- records
     def _record(self, info: BlockInfo, probs: torch.Tensor) -> None:
         if not self._batch:
-            raise RuntimeError(
-                "AttentionRecorder saw attention before any image batch; call the model itself"
-            )
+            raise RuntimeError("AttentionRecorder saw attention before any image batch; call the model itself")
         grid = self._grids[info.name]
         windowed_batch, _, num_queries, num_keys = probs.shape
         if windowed_batch % self._batch:
-            raise RuntimeError(
-                f"{info.name}: attention batch {windowed_batch} is not a multiple of {self._batch}"
-            )
+            raise RuntimeError(f"{info.name}: attention batch {windowed_batch} is not a multiple of {self._batch}")
         windows = windowed_batch // self._batch
         num_regular = info.num_prefix_tokens + grid[0] * grid[1]
         if num_queries != num_regular:
-            raise RuntimeError(
-                f"{info.name}: {num_queries} queries but the grid {grid} implies {num_regular}"
-            )
+            raise RuntimeError(f"{info.name}: {num_queries} queries but the grid {grid} implies {num_regular}")
         if num_keys - num_regular != expected_cross_tokens(grid, info.num_sources):
             raise RuntimeError(
                 f"{info.name}: {num_keys - num_regular} cross keys, expected "
@@ -258,9 +246,7 @@ class AttentionRecorder:
             for position in self.map_queries:
                 row, col = query_cell(position, grid)
                 query = info.num_prefix_tokens + row * grid[1] + col
-                self.maps.append(
-                    MapCapture(image_index, info, grid, (row, col), probs[local, :, query].float().cpu())
-                )
+                self.maps.append(MapCapture(image_index, info, grid, (row, col), probs[local, :, query].float().cpu()))
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per block (by name): its layout and attention shares (:meth:`ShareAccumulator.summary`)."""

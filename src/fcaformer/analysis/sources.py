@@ -90,8 +90,7 @@ def load_analysis_model(source: str | os.PathLike, **overrides: Any) -> LoadedMo
             model = load_official(raw, **overrides)
         except CheckpointError as error:
             raise CheckpointError(
-                f"{path} is neither a project checkpoint (format={PROJECT_FORMAT!r}) nor a release "
-                f"checkpoint: {error}"
+                f"{path} is neither a project checkpoint (format={PROJECT_FORMAT!r}) nor a release checkpoint: {error}"
             ) from error
         return LoadedModel(model, text, "release", native_img_size(model))
     if text in timm.list_models("fcaformer*"):

@@ -1,0 +1,336 @@
+"""Tests of ``fcaformer.analysis`` and ``fcaformer analyze``: hooks leave outputs unchanged, shares are right."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import fcaformer  # noqa: F401  (registers the models)
+from fcaformer import FcaFormer, FcaStage
+from fcaformer.analysis import (
+    AttentionRecorder,
+    analyze,
+    attention_shares,
+    collect_images,
+    find_fca_blocks,
+    load_analysis_model,
+    lsfs_replaced,
+    measure_lsf_effect,
+    query_cell,
+)
+from fcaformer.analysis.plots import plot_attention_maps, plot_share_heatmap
+from fcaformer.checkpoint import CheckpointError
+from fcaformer.cli import main
+from fcaformer.io import save_model
+
+from .conftest import shared_path
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = dict(dims=(16, 32, 64, 64), depths=(1, 1, 4, 2), num_heads=(2, 2), img_size=128, num_classes=10)
+
+
+def small_hybrid(**kwargs) -> FcaFormer:
+    """A tiny hybrid whose attention branches matter (layer scale 1, not 1e-6) and whose attention is not
+    uniform (larger qkv weights than the 0.02 init)."""
+    model = FcaFormer(**{**SMALL, "ls_init_value": 1.0, **kwargs}).eval()
+    with torch.no_grad():
+        for _, block in find_fca_blocks(model):
+            block.attn.qkv.weight.normal_(0, 0.3)
+            if block.merge is not None:
+                block.merge.weight.normal_(0, 0.3)
+    return model
+
+
+def small_plain(**kwargs):
+    return timm.create_model("fcaformer_l0", img_size=64, embed_dim=64, depth=4, num_heads=2, num_classes=10,
+                             **kwargs).eval()
+
+
+def fused(model):
+    fast = pytest.importorskip("fcaformer.fast")
+    return fast.fuse_model(model)
+
+
+# ------------------------------------------------------------------------------------------------- shares
+def test_attention_shares_match_a_loop_over_sources():
+    probs = torch.rand(2, 3, 5, 7 + 3 * 4).softmax(-1)
+    shares = attention_shares(probs, num_regular=7, num_sources=3)
+    assert shares.shape == (2, 3, 5, 4)
+    expected = [probs[..., :7].sum(-1)] + [probs[..., 7 + 4 * j : 11 + 4 * j].sum(-1) for j in range(3)]
+    torch.testing.assert_close(shares, torch.stack(expected, -1))
+    torch.testing.assert_close(shares.sum(-1), torch.ones(2, 3, 5))
+
+
+def test_attention_shares_reject_a_layout_that_does_not_fit():
+    with pytest.raises(ValueError, match="equal"):
+        attention_shares(torch.rand(1, 1, 4, 4 + 5), num_regular=4, num_sources=2)
+    with pytest.raises(ValueError, match="num_sources"):
+        attention_shares(torch.rand(1, 1, 4, 6), num_regular=4, num_sources=0)
+
+
+# ------------------------------------------------------------------------------------ outputs unchanged
+CASES = {
+    "global": lambda: (small_hybrid(), torch.randn(2, 3, 128, 128)),
+    # 96 px: stage-3 grid 6x6 padded to 8x8 = 4 windows of 4x4; stage 4 3x3 padded to 4x4 = 4 windows of 2x2
+    "windowed": lambda: (small_hybrid(window_size=(4, 2)), torch.randn(2, 3, 96, 96)),
+    "plain_l0": lambda: (small_plain(), torch.randn(2, 3, 64, 64)),
+    "fast_global": lambda: (fused(small_hybrid()), torch.randn(2, 3, 128, 128)),
+    "fast_windowed": lambda: (fused(small_hybrid(window_size=(4, 2))), torch.randn(2, 3, 96, 96)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@torch.no_grad()
+def test_outputs_unchanged_and_every_block_recorded(case):
+    model, images = CASES[case]()
+    before = model(images)
+    with AttentionRecorder(model, map_images=[0], map_queries=[(0.5, 0.5)]) as recorder:
+        during = model(images)
+    after = model(images)
+    if case.startswith("fast"):
+        # With a probe hook the fused attention computes explicit probabilities instead of SDPA: same math,
+        # different rounding.
+        torch.testing.assert_close(during, before, rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.equal(during, before)
+    assert torch.equal(after, before)  # the hooks are gone afterwards
+    summary = recorder.summary()
+    assert len(summary) == len(find_fca_blocks(model))
+    for block in summary.values():
+        att = block["attention"]
+        assert att["query_samples"] > 0
+        assert sum(att["mean"]) == pytest.approx(1.0, abs=1e-5)
+        assert len(att["mean"]) == 1 + block["num_sources"]
+        assert (att["cross_share"] > 0) == (block["num_sources"] > 0)
+    if "windowed" in case:
+        assert {b["attention"]["windows_per_image"] for b in summary.values()} == {4}
+        assert not recorder.maps  # maps are drawn for global attention only
+    else:
+        assert recorder.maps
+
+
+@torch.no_grad()
+def test_cross_token_bias_steers_the_recorded_shares():
+    """An independent handle on the shares: a huge cross-token bias on one source block's tokens must pull all
+    attention there; a hugely negative one must leave the cross tokens none."""
+    model = small_hybrid()
+    blocks = dict((info.name, (info, block)) for info, block in find_fca_blocks(model))
+    info, block = blocks["stages.2.blocks.3"]  # 3 source blocks, 4 cross tokens each at 128 px
+    bias = torch.full((info.num_heads, info.num_sources, 4), -30.0)
+    bias[:, 1] = 30.0
+    block.attn.cross_bias.copy_(bias.reshape(block.attn.cross_bias.shape))
+    other_info, other = blocks["stages.2.blocks.2"]
+    other.attn.cross_bias.fill_(-1e4)
+    with AttentionRecorder(model) as recorder:
+        model(torch.randn(2, 3, 128, 128))
+    summary = recorder.summary()
+    steered = summary["stages.2.blocks.3"]["attention"]
+    assert steered["mean"][2] > 0.999 and steered["cross_share"] > 0.999
+    assert all(share > 0.999 for share in steered["cross_share_per_head"])
+    assert summary["stages.2.blocks.2"]["attention"]["cross_share"] < 1e-6
+
+
+@torch.no_grad()
+def test_windowed_statistics_are_per_image():
+    """Batch x windows is unfolded correctly: two images together give the per-image shares of each alone."""
+    model = small_hybrid(window_size=(4, 2))
+    images = torch.randn(2, 3, 96, 96)
+    with AttentionRecorder(model) as together:
+        model(images)
+    alone = []
+    for i in range(2):
+        with AttentionRecorder(model) as recorder:
+            model(images[i : i + 1])
+        alone.append(recorder.accumulators["stages.2.blocks.3"].per_image[0])
+    torch.testing.assert_close(together.accumulators["stages.2.blocks.3"].per_image[0], torch.cat(alone))
+    assert not torch.allclose(alone[0], alone[1])  # the images do differ
+
+
+@torch.no_grad()
+def test_attention_maps_are_probabilities_at_the_right_query():
+    model = small_hybrid()
+    images = torch.randn(3, 3, 128, 128)
+    with AttentionRecorder(model, map_images=[2], map_queries=[(0.0, 0.99), (0.5, 0.5)]) as recorder:
+        model(images[:2])
+        model(images[2:])  # image index 2 arrives in the second batch
+    assert {capture.image_index for capture in recorder.maps} == {2}
+    capture = next(c for c in recorder.maps if c.block.name == "stages.2.blocks.1")
+    assert capture.query == (0, 7) and capture.grid == (8, 8)
+    torch.testing.assert_close(capture.probs.sum(-1), torch.ones(2))
+    assert query_cell((0.5, 0.5), (8, 8)) == (4, 4)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        query_cell((1.5, 0.2), (8, 8))
+
+
+# ------------------------------------------------------------------------------------------------- LSF
+def lsf_stage(lsf: str) -> FcaStage:
+    """A bare Fca stage on unit-variance maps: its cross tokens are far larger than LayerNorm's eps (in a
+    freshly initialised full model they are ~1e-8 and the eps dominates)."""
+    return FcaStage(32, 32, 4, 2, (8, 8), lsf=lsf, ls_init_value=1.0).eval()
+
+
+@pytest.mark.parametrize(
+    ("lsf", "value", "expected"),
+    [
+        ("post_norm", 3.0, 2 / 3),  # |3 s_hat - s_hat| / |3 s_hat|
+        ("release", -1.0, 2.0),  # LN(-s) = -LN(s) when LN's bias is 0
+        ("release", 3.0, 0.0),  # LN(3 s) = LN(s) up to LN's eps
+    ],
+)
+@torch.no_grad()
+def test_lsf_effect_on_normed_cross_tokens(lsf, value, expected):
+    model = lsf_stage(lsf)
+    blocks = [block for info, block in find_fca_blocks(model) if info.num_sources]
+    for block in blocks:
+        block.cross_scale.fill_(value)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    effect = measure_lsf_effect(model, [torch.randn(2, 32, 8, 8)], progress=False)
+    assert len(effect["blocks"]) == 3
+    for name, entry in effect["blocks"].items():
+        assert entry["normed_cross_change"] == pytest.approx(expected, abs=1e-3), name
+        if expected:
+            assert entry["attention_change"] > 1e-2 and entry["output_change"] > 1e-3
+        else:
+            assert entry["attention_change"] < 1e-4 and entry["output_change"] < 1e-4
+    changed = effect["model"]["logits_change"]
+    assert (changed > 1e-3) if expected else (changed < 1e-4)
+    for key, value_ in model.state_dict().items():  # every LSF restored
+        assert torch.equal(value_, state[key]), key
+
+
+@torch.no_grad()
+def test_lsfs_of_one_change_nothing_and_are_restored_after_errors():
+    model = small_hybrid(lsf="post_norm")
+    effect = measure_lsf_effect(model, [torch.randn(1, 3, 128, 128)], progress=False)
+    assert effect["model"]["logits_change"] == 0.0 and effect["model"]["top1_agreement"] == 1.0
+    assert all(entry["output_change"] == 0.0 for entry in effect["blocks"].values())
+    block = next(block for info, block in find_fca_blocks(model) if info.num_sources)
+    block.cross_scale.fill_(2.0)
+    with pytest.raises(RuntimeError, match="boom"), lsfs_replaced([block]):
+        assert torch.all(block.cross_scale == 1)
+        raise RuntimeError("boom")
+    assert torch.all(block.cross_scale == 2)
+
+
+@torch.no_grad()
+def test_lsf_effect_without_lsfs_is_empty():
+    model = small_hybrid(lsf="none")
+    effect = measure_lsf_effect(model, [torch.randn(1, 3, 128, 128)], progress=False)
+    assert effect["blocks"] == {} and "logits_change" not in effect["model"]
+
+
+# ----------------------------------------------------------------------------------------- API and CLI
+def make_image_folder(root, classes=("a_class", "b_class"), per_class=2):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_collect_images_samples_classes_round_robin(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("b", "a"), per_class=3)
+    images = collect_images([root], num_images=3)
+    assert images.labels == ["a", "b", "a"] and images.classes == ["a", "b"]
+    assert [p.name for p in images.paths] == ["0.png", "0.png", "1.png"]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        collect_images([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        collect_images([tmp_path / "empty"])
+
+
+def test_analyze_api_writes_json_markdown_and_figures(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    model = small_hybrid(num_classes=2)
+    result = analyze(model, collect_images([root]), img_size=64, batch_size=3, map_images=[1], progress=False)
+    assert result.images["count"] == 4
+    assert result.accuracy is not None and result.accuracy["images"] == 4
+    assert len(result.cross_blocks()) == 4
+    files = result.save(tmp_path / "out")
+    names = {f.name for f in files}
+    assert {"analysis.json", "analysis.md", "analysis_share_heatmap.png", "analysis_maps_image1.png"} <= names
+    for f in files:
+        if f.suffix == ".png":
+            assert f.read_bytes()[:8] == PNG_MAGIC
+    data = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert data["blocks"]["stages.2.blocks.3"]["source_blocks"] == [0, 1, 2]
+    assert data["lsf_effect"]["model"]["top1_agreement"] == 1.0  # LSFs are 1 at init
+    markdown = (tmp_path / "out" / "analysis.md").read_text()
+    assert "| S3.B3 | 3 |" in markdown and "![analysis_share_heatmap.png]" in markdown
+    with pytest.raises(ValueError, match="out of range"):
+        analyze(model, collect_images([root]), map_images=[9], progress=False)
+
+
+def test_plots_reject_missing_captures(tmp_path):
+    with pytest.raises(ValueError, match="no attention maps"):
+        plot_attention_maps(torch.zeros(3, 8, 8), [], tmp_path / "x.png")
+    blocks = {"s.blocks.0": {"stage": "s", "index": 0, "label": "S.B0", "source_blocks": [],
+                             "attention": {"mean": [1.0]}}}
+    assert plot_share_heatmap(blocks, tmp_path / "h.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_on_project_checkpoints_with_comparison(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "data")
+    kwargs = {**SMALL, "num_classes": 2, "img_size": 64}
+    for name, lsf in (("release", "release"), ("post", "post_norm")):
+        save_model(tmp_path / f"{name}.pt", small_hybrid(**kwargs, lsf=lsf), "fcaformer_l1",
+                   {**kwargs, "lsf": lsf, "ls_init_value": 1.0}, class_names=["a_class", "b_class"])
+    code = main(["analyze", str(tmp_path / "release.pt"), str(tmp_path / "post.pt"), "--images", str(root),
+                 "--num-images", "3", "--queries", "0.5,0.5", "--map-images", "0", "--out", str(tmp_path / "o")])
+    assert code == 0
+    assert (tmp_path / "o" / "compare_share_by_depth.png").read_bytes()[:8] == PNG_MAGIC
+    for name, lsf in (("release", "release"), ("post", "post_norm")):
+        data = json.loads((tmp_path / "o" / name / "analysis.json").read_text())
+        assert data["model"]["kind"] == "project" and data["model"]["img_size"] == [64, 64]
+        assert data["accuracy"]["label_order"] == "checkpoint class_names"
+        assert {p["lsf_placement"] for p in data["parameters"].values()} == {lsf}
+
+
+def test_cli_rejects_bad_queries(capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "fcaformer_l1", "--images", ".", "--out", "x", "--queries", "0.5"])
+    assert "y,x" in capsys.readouterr().err
+
+
+def test_load_analysis_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_analysis_model(tmp_path / "nope.pt")
+    with pytest.raises(ValueError, match="fcaformer_l1"):
+        load_analysis_model("resnet50")
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weight": torch.zeros(2)}, bogus)
+    with pytest.raises(CheckpointError, match="neither a project checkpoint"):
+        load_analysis_model(bogus)
+    with pytest.raises(ValueError, match="no FcaStage"):
+        AttentionRecorder(torch.nn.Linear(2, 2))
+    loaded = load_analysis_model("fcaformer_l0")
+    assert loaded.kind == "timm" and not loaded.trained and loaded.img_size == (224, 224)
+
+
+# ------------------------------------------------------------------------------------- real checkpoint
+@torch.no_grad()
+def test_parity_checkpoint_on_real_images():
+    """The release layout and real images: outputs unchanged, shares add up, block layout as the SPEC says."""
+    checkpoint = shared_path("parity", "official_fcaformer_l1_cls.pt")
+    images = collect_images([shared_path("data", "imagenette-160", "val")], num_images=2)
+    loaded = load_analysis_model(checkpoint)
+    assert loaded.kind == "release" and loaded.img_size == (224, 224)
+    result = analyze(loaded, images, batch_size=2, map_images=[0], measure_lsf=False, progress=False)
+    blocks = result.blocks
+    assert [b["num_sources"] for b in blocks.values()] == [0, 1, 2, 3, 4, 5, 0, 1]
+    assert blocks["stages.2.blocks.5"]["attention"]["tokens_per_source"] == 16  # ceil(14/4)^2
+    assert blocks["stages.3.blocks.1"]["attention"]["tokens_per_source"] == 4  # ceil(7/4)^2
+    for block in result.cross_blocks():
+        assert 0 < block["attention"]["cross_share"] < 1
+    reference = torch.load(checkpoint, weights_only=True)
+    with AttentionRecorder(loaded.model):
+        logits = loaded.model(reference["input"])
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-4)
