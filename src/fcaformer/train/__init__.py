@@ -1,0 +1,19 @@
+"""Training, evaluation and prediction for FcaFormer image classifiers."""
+
+from .config import ConfigError, TrainConfig, list_presets, load_config
+from .data import DataError
+from .engine import Trainer, TrainingDiverged, train
+from .evaluate import EvalResult, evaluate
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "EvalResult",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "evaluate",
+    "list_presets",
+    "load_config",
+    "train",
+]

@@ -1,0 +1,411 @@
+"""The training loop: timm optimizer/scheduler/Mixup/EMA, DDP, AMP, accumulation, crash-safe checkpoints.
+
+Determinism: every batch runs under a seed derived from (run seed, rank, epoch, batch index) and every sample is
+augmented under its own seed (see :mod:`.data`), so a run resumed from a mid-epoch checkpoint reproduces an
+uninterrupted run exactly (in deterministic mode, same hardware and thread count).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..io import atomic_json_dump, atomic_write, save_model
+from ..profile import count_macs, count_params
+from .config import TrainConfig, config_from_dict
+from .data import (
+    ImageDataset,
+    ResumableSampler,
+    build_transforms,
+    eval_loader,
+    load_image_lists,
+    sample_seed,
+    train_loader,
+)
+from .distributed import DistInfo, all_true, barrier, init_distributed, mean_over_ranks
+from .evaluate import EvalResult, autocast, evaluate
+from .metrics import plot_confusion, plot_curves, write_jsonl
+from .state import load_latest_state, rng_state, save_state, set_rng_state
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint on disk is left untouched."""
+
+
+@dataclass
+class Position:
+    """Where training stands: ``epoch`` (0-based, current), ``batch`` (batches of it already trained on),
+    ``step`` (optimizer updates so far)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def model_kwargs(config: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """Constructor arguments recorded in the model checkpoint (everything needed to rebuild it)."""
+    return {**config.model.kwargs, "num_classes": num_classes, "img_size": config.data.img_size}
+
+
+def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model`` of the configured network; returns it and its recorded kwargs."""
+    import fcaformer  # noqa: F401  (registers the FcaFormer models with timm)
+
+    kwargs = model_kwargs(config, num_classes)
+    extra = {"drop_path_rate": config.model.drop_path_rate} if config.model.drop_path_rate else {}
+    try:
+        model = timm.create_model(config.model.name, **kwargs, **extra)
+    except TypeError:  # timm models without img_size (e.g. plain CNNs)
+        kwargs.pop("img_size")
+        model = timm.create_model(config.model.name, **kwargs, **extra)
+    return model, kwargs
+
+
+class Trainer:
+    """One training run. ``Trainer(config).fit()`` trains, evaluates and writes the run folder (rank 0 only):
+
+    ``config.yaml``, ``checkpoints/state-*.pt`` (resumable), ``model.pt`` (:func:`fcaformer.io.load_model`),
+    ``metrics.jsonl``, ``curves.png``, ``results.json``, ``confusion.png``.
+    """
+
+    def __init__(self, config: TrainConfig, resume_state: dict[str, Any] | None = None,
+                 dist: DistInfo | None = None) -> None:
+        self.config = config
+        self.dist = dist or init_distributed(config.run.device)
+        self.device = self.dist.device
+        self.out = Path(config.run.output)
+        run = config.run
+        if run.threads > 0:  # on a shared or oversubscribed CPU, fewer intra-op threads is often much faster
+            torch.set_num_threads(run.threads)
+        if run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(run.seed + self.dist.rank)
+
+        train_list, val_list = load_image_lists(config.data)
+        self.class_names = train_list.class_names
+        self.skipped = sorted(set(train_list.skipped) | set(val_list.skipped))
+        self.num_classes = len(self.class_names)
+        train_tf, eval_tf = build_transforms(config)
+        self.train_set = ImageDataset(train_list, train_tf)
+        self.val_set = ImageDataset(val_list, eval_tf)
+
+        self.model, self.model_kwargs = build_model(config, self.num_classes)
+        self.params = count_params(self.model)
+        self.macs = count_macs(self.model, (1, 3, config.data.img_size, config.data.img_size))
+        self.model.to(self.device)
+        if run.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = ModelEmaV3(self.model, decay=config.optim.ema_decay) if config.optim.ema else None
+
+        self.sampler = ResumableSampler(self.train_set, run.batch_size, rank=self.dist.rank,
+                                        world_size=self.dist.world_size, seed=run.seed)
+        self.loader = train_loader(self.train_set, self.sampler, run.batch_size, config.data.workers)
+        self.val_loader = eval_loader(self.val_set, run.batch_size, config.data.workers, self.dist.rank,
+                                      self.dist.world_size)
+        self.batches_per_epoch = self.sampler.batches_per_epoch()
+        if self.batches_per_epoch < config.optim.accum_steps:
+            raise ValueError(
+                f"{len(self.train_set)} training images give {self.batches_per_epoch} batches of "
+                f"{run.batch_size} per process, fewer than optim.accum_steps={config.optim.accum_steps}; "
+                "lower run.batch_size"
+            )
+        self.updates_per_epoch = self.batches_per_epoch // config.optim.accum_steps
+        self.global_batch = run.batch_size * self.dist.world_size * config.optim.accum_steps
+        self.lr = config.optim.lr * self.global_batch / config.optim.lr_base_batch
+        o = config.optim
+        self.optimizer = create_optimizer_v2(self.model, o.opt, lr=self.lr, weight_decay=o.weight_decay,
+                                             **({"eps": o.eps} if o.opt.lower().startswith("adam") else {}))
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, o.sched, num_epochs=run.epochs, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
+            min_lr=o.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch,
+        )
+        a = config.aug
+        self.mixup = (
+            Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                  label_smoothing=a.smoothing, num_classes=self.num_classes)
+            if a.mixup > 0 or a.cutmix > 0 else None
+        )
+        if self.mixup:
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif a.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(a.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
+        autocast(self.device, run.amp)  # validates amp for the device early
+
+        self.train_model: nn.Module = self.model
+        if self.dist.distributed:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if run.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        self.pos = Position()
+        self.history: list[dict[str, Any]] = []
+        if resume_state is not None:
+            self._load_state(resume_state)
+        self.writer = None
+        if run.tensorboard and self.dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise RuntimeError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") \
+                    from error
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model_name": self.config.model.name,
+            "model_kwargs": self.model_kwargs,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.pos.epoch,
+            "batch": self.pos.batch,
+            "step": self.pos.step,
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "class_names": self.class_names,
+            "history": self.history,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.pos = Position(state["epoch"], state["batch"], state["step"])
+        self.history = list(state.get("history", []))
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        """Training state after the current position (rank 0 writes; all ranks wait for it)."""
+        if self.dist.is_main:
+            position = self.pos.epoch * self.batches_per_epoch + self.pos.batch
+            save_state(self.out / "checkpoints", position, self._state(), keep=self.config.run.keep_ckpts)
+        barrier()
+
+    def eval_model(self) -> nn.Module:
+        """The weights used for evaluation and export: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def save_model_file(self, metrics: dict[str, Any] | None = None) -> Path | None:
+        """``model.pt``: the evaluation weights in the self-describing project format (rank 0)."""
+        if not self.dist.is_main:
+            return None
+        d = self.config.data
+        return save_model(
+            self.out / "model.pt", self.eval_model(), self.config.model.name, self.model_kwargs,
+            class_names=self.class_names,
+            data_config={"img_size": d.img_size, "crop_pct": d.crop_pct, "interpolation": d.interpolation,
+                         "mean": list(d.mean), "std": list(d.std)},
+            metrics=metrics or {}, train_config=self.config.to_dict(),
+        )
+
+    # ------------------------------------------------------------------------------------------- training
+    def _train_epoch(self, epoch: int, bar: tqdm | None) -> dict[str, float]:
+        cfg, accum = self.config, self.config.optim.accum_steps
+        self.train_model.train()
+        self.sampler.set_epoch(epoch, self.pos.batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, seen, start = 0.0, 0, time.perf_counter()
+        for index, (images, targets) in enumerate(self.loader, start=self.pos.batch):
+            # One seed per batch (and rank): drop-path and Mixup draws are a function of the position.
+            seed_everything(sample_seed(cfg.run.seed + 7_777 * self.dist.rank, epoch, index))
+            images, targets = images.to(self.device), targets.to(self.device)
+            if cfg.run.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            sync = (index + 1) % accum == 0
+            ddp_sync = nullcontext() if sync or not self.dist.distributed else self.train_model.no_sync()
+            with ddp_sync:
+                with autocast(self.device, cfg.run.amp):
+                    loss = self.criterion(self.train_model(images), targets)
+                if not all_true(bool(torch.isfinite(loss.detach()).item()), self.device):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at epoch {epoch}, batch {index} (step {self.pos.step}); stopping. "
+                        f"The last good checkpoint in {self.out / 'checkpoints'} is intact: lower optim.lr, set "
+                        "optim.clip_grad, or use run.amp=none, then resume or restart"
+                    )
+                self.scaler.scale(loss / accum).backward()
+            loss_sum += loss.item() * len(images)
+            seen += len(images)
+            if sync:
+                self._optimizer_step()
+                self.pos.batch = index + 1
+                every = cfg.run.ckpt_every_steps
+                if every and self.pos.step % every == 0 and self.pos.batch < self.batches_per_epoch:
+                    self.save_checkpoint()
+            if bar is not None:
+                rate = seen * self.dist.world_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+            if cfg.run.max_steps is not None and self.pos.step >= cfg.run.max_steps:
+                break
+        elapsed = time.perf_counter() - start
+        return {
+            "train_loss": mean_over_ranks(loss_sum / max(seen, 1), self.device),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": elapsed,
+            "train_images_per_s": seen * self.dist.world_size / max(elapsed, 1e-9),
+        }
+
+    def _optimizer_step(self) -> None:
+        clip = self.config.optim.clip_grad
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pos.step += 1
+        self.scheduler.step_update(self.pos.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.pos.step)
+
+    def _evaluate(self, progress: bool) -> EvalResult:
+        return evaluate(self.eval_model(), self.val_loader, self.num_classes, self.device, self.config.run.amp,
+                        progress=progress, desc="val", channels_last=self.config.run.channels_last)
+
+    def fit(self) -> dict[str, Any]:
+        """Train from the current position to the end, evaluating and checkpointing every epoch.
+
+        Returns the final summary (also written to ``results.json``)."""
+        cfg, main = self.config, self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.out / "config.yaml", lambda h: yaml.safe_dump(cfg.to_dict(), h, sort_keys=False),
+                         binary=False)
+        show = cfg.run.progress and main
+        stopped = False
+        result: EvalResult | None = None
+        for epoch in range(self.pos.epoch, cfg.run.epochs):
+            self.pos.epoch = epoch
+            bar = tqdm(total=self.batches_per_epoch, initial=self.pos.batch, desc=f"epoch {epoch + 1}/{cfg.run.epochs}",
+                       disable=not show, mininterval=2, dynamic_ncols=True)
+            record: dict[str, Any] = {"epoch": epoch + 1, **self._train_epoch(epoch, bar if show else None)}
+            bar.close()
+            stopped = cfg.run.max_steps is not None and self.pos.step >= cfg.run.max_steps
+            last = epoch + 1 == cfg.run.epochs or stopped
+            result = None
+            if last or (epoch + 1) % cfg.run.eval_every == 0:
+                result = self._evaluate(show)
+                record.update(val_top1=result.top1, val_top5=result.top5, val_loss=result.loss)
+            else:
+                record.update(val_top1=None, val_top5=None, val_loss=None)
+            self.history.append(record)
+            if stopped and self.pos.batch < self.batches_per_epoch:
+                self.save_checkpoint()  # mid-epoch stop (max_steps): resumable where it stopped
+                break
+            self.pos = Position(epoch + 1, 0, self.pos.step)
+            self.save_checkpoint()
+            if main:
+                write_jsonl(self.out / "metrics.jsonl", self.history)
+                plot_curves(self.history, self.out / "curves.png", title=f"{cfg.model.name} - {self.out.name}")
+                self.save_model_file(record)
+                if self.writer is not None:
+                    for key, value in record.items():
+                        if isinstance(value, (int, float)) and key != "epoch":
+                            self.writer.add_scalar(key, value, epoch + 1)
+                    self.writer.flush()
+                top1 = "-" if record["val_top1"] is None else f"{record['val_top1']:.2f}"
+                tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {top1}, "
+                           f"{record['epoch_time_s']:.1f} s")
+            if stopped:
+                break
+        if result is None:
+            result = self._evaluate(show)
+        return self._finish(result)
+
+    def _finish(self, result: EvalResult) -> dict[str, Any]:
+        epoch_times = [h["epoch_time_s"] for h in self.history]
+        summary = {
+            "model_name": self.config.model.name,
+            "model_kwargs": self.model_kwargs,
+            "params": self.params,
+            "macs": self.macs,
+            "img_size": self.config.data.img_size,
+            "train_images": len(self.train_set),
+            "val_images": len(self.val_set),
+            "epochs_done": self.pos.epoch,
+            "steps": self.pos.step,
+            "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
+            "lr": self.lr,
+            "mean_epoch_time_s": sum(epoch_times) / max(len(epoch_times), 1),
+            "val": result.summary(),
+            "per_class_acc": dict(zip(self.class_names, result.per_class_acc)),
+            "skipped_files": len(self.skipped),
+            "skipped_list": self.skipped,
+        }
+        if self.dist.is_main:
+            atomic_json_dump({**summary, "confusion": result.confusion, "class_names": self.class_names},
+                             self.out / "results.json")
+            import numpy as np
+
+            plot_confusion(np.array(result.confusion), self.class_names, self.out / "confusion.png",
+                           title=f"{self.config.model.name}: top-1 {result.top1:.2f}%")
+            if self.writer is not None:
+                self.writer.close()
+        return summary
+
+
+def resume_config(target: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The saved config and state of the newest readable checkpoint of a run folder (or a state file)."""
+    state, path = load_latest_state(Path(target))
+    config = config_from_dict(state["config"])
+    if Path(target).is_dir():
+        config.run.output = str(Path(target))
+    return config, state
+
+
+def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train ``config`` (or resume the run in ``resume``, whose saved config wins) and return the summary."""
+    state = None
+    if resume is not None:
+        config, state = resume_config(resume)
+    trainer = Trainer(config, resume_state=state)
+    if math.isfinite(trainer.lr) and trainer.dist.is_main and config.run.progress:
+        tqdm.write(f"{config.model.name}: {trainer.params / 1e6:.2f} M params, {trainer.macs / 1e6:.1f} MMACs at "
+                   f"{config.data.img_size}px; {len(trainer.train_set)} train / {len(trainer.val_set)} val images, "
+                   f"{trainer.num_classes} classes; global batch {trainer.global_batch}, lr {trainer.lr:.2e}")
+        if trainer.skipped:
+            tqdm.write(f"skipped {len(trainer.skipped)} unreadable files (listed in results.json)")
+    return trainer.fit()

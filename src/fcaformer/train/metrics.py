@@ -1,0 +1,75 @@
+"""Run records: per-epoch JSON lines, training-curve and confusion-matrix PNGs (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..io import atomic_write  # noqa: E402
+
+
+def write_jsonl(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> Path:
+    """Rewrite the whole JSON-lines file atomically (so a kill never leaves half a line)."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    return atomic_write(path, lambda handle: handle.write(text), binary=False)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    out = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return out
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """Train/val loss and val top-1 per epoch, side by side."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    val = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if val:
+        ax_loss.plot(*zip(*val), "s-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    acc = [(h["epoch"], h["val_top1"]) for h in history if h.get("val_top1") is not None]
+    if acc:
+        ax_acc.plot(*zip(*acc), "s-", color="tab:green")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
+                   title: str = "confusion matrix") -> Path:
+    """Row-normalised confusion matrix (rows: true class) with counts; labels omitted beyond 40 classes."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    n = len(class_names)
+    size = min(max(4.0, 0.45 * n + 2), 16)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if n <= 40:
+        ax.set_xticks(range(n), class_names, rotation=90)
+        ax.set_yticks(range(n), class_names)
+        if n <= 20:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return _save(fig, path)
