@@ -59,6 +59,14 @@ def relative_position_index(grid: Grid, device: torch.device | None = None) -> t
     return index.reshape(h * w, h * w)
 
 
+@torch.no_grad()
+def fold_scale_into_linear_(linear: nn.Linear, scale: torch.Tensor) -> None:
+    """Make ``linear`` compute ``linear(x) * scale`` (per output channel) by scaling its weight and bias."""
+    linear.weight.mul_(scale.reshape(-1, 1))
+    if linear.bias is not None:
+        linear.bias.mul_(scale.reshape(-1))
+
+
 class FcaAttention(nn.Module):
     """Multi-head attention of regular tokens over ``[regular; cross]`` keys.
 
@@ -105,6 +113,10 @@ class FcaAttention(nn.Module):
         # Forward hooks on this identity see the attention probabilities (B, heads, N, N + M): the analysis
         # tools read them there without changing the computation.
         self.attn_probe = nn.Identity()
+        # Fast path (see fcaformer.fast): off by default, so the faithful computation runs unless asked for.
+        self.fast = False
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.clear_bias_cache())
 
     def position_bias(self, grid: Grid) -> torch.Tensor | None:
         """``(heads, N, N)`` relative-position bias for ``grid`` (``None`` without a table)."""
@@ -130,7 +142,12 @@ class FcaAttention(nn.Module):
         cross: torch.Tensor | None = None,
         cross_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attend from ``x`` (B, N, C) over ``x`` and the normalised cross tokens ``cross`` (B, M, C)."""
+        """Attend from ``x`` (B, N, C) over ``x`` and the normalised cross tokens ``cross`` (B, M, C).
+
+        On the fast path ``cross_bias`` is ignored: the attention gathers (and caches) it itself.
+        """
+        if self.fast:
+            return self._forward_fast(x, grid, cross)
         batch, num_tokens, channels = x.shape
         q, k, v = (
             self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -154,6 +171,100 @@ class FcaAttention(nn.Module):
             v = torch.cat((v, v_cross), dim=-2)
         attn = self.attn_drop(self.attn_probe(logits.softmax(dim=-1)))
         out = (attn @ v).transpose(1, 2).reshape(batch, num_tokens, channels)
+        return self.proj_drop(self.proj(out))
+
+    # ------------------------------------------------------------------------------------------- fast path
+    def reparameterize(self) -> None:
+        """Switch to the fast path in place (timm's ``reparameterize_model`` calls this)."""
+        self.fast = True
+
+    def train(self, mode: bool = True) -> FcaAttention:
+        self.clear_bias_cache()
+        return super().train(mode)
+
+    def clear_bias_cache(self) -> None:
+        """Forget the gathered biases (they are rebuilt on the next fast forward)."""
+        self._bias_cache.clear()
+
+    def attention_bias(self, grid: Grid, num_cross: int) -> torch.Tensor | None:
+        """``(1, heads, P + N, P + N + M)`` additive bias: position bias, then the cross-token bias.
+
+        ``None`` when there is neither a table nor cross tokens. Differentiable; :meth:`cached_attention_bias`
+        memoises it for inference.
+        """
+        parts = []
+        prefix = self.num_prefix_tokens
+        num_queries = prefix + grid[0] * grid[1]
+        position_bias = self.position_bias(grid)
+        if position_bias is not None:
+            parts.append(F.pad(position_bias, (prefix, 0, prefix, 0)) if prefix else position_bias)
+        elif num_cross:
+            parts.append(self.qkv.weight.new_zeros(self.num_heads, num_queries, num_queries))
+        if num_cross:
+            native_cross_grid = cross_grid_size(self.grid_size)
+            cross_bias = self.cross_token_bias(cross_grid_size(grid), native_cross_grid)
+            if cross_bias.shape[-1] != num_cross:
+                raise ValueError(
+                    f"got {num_cross} cross tokens but the cross-token bias covers {cross_bias.shape[-1]} on a "
+                    f"{tuple(grid)} grid; pass the cross tokens of the earlier blocks of this stage"
+                )
+            parts.append(cross_bias[0].expand(-1, num_queries, -1))
+        if not parts:
+            return None
+        return torch.cat(parts, dim=-1).unsqueeze(0)
+
+    def cached_attention_bias(self, grid: Grid, num_cross: int) -> torch.Tensor | None:
+        """:meth:`attention_bias`, gathered once per grid and reused while the parameters are unchanged.
+
+        The key holds each bias parameter's version counter and storage pointer, so in-place updates
+        (optimizer steps, ``load_state_dict``'s ``copy_``) and replaced or moved parameters all miss the cache;
+        ``train()`` and ``load_state_dict`` also clear it.
+        """
+        params = tuple(p for p in (self.rel_pos_table, self.cross_bias) if p is not None)
+        key = (tuple(grid), num_cross, *((p._version, p.data_ptr(), p.device, p.dtype) for p in params))
+        bias = self._bias_cache.get(key)
+        if bias is None:
+            with torch.no_grad():
+                bias = self.attention_bias(grid, num_cross)
+            self._bias_cache.clear()  # one grid at a time: a model fed many sizes must not grow without bound
+            self._bias_cache[key] = bias
+        return bias
+
+    def _forward_fast(self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None) -> torch.Tensor:
+        batch, num_tokens, channels = x.shape
+        num_cross = 0 if cross is None else cross.shape[1]
+        if (
+            torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in (self.rel_pos_table, self.cross_bias)
+                                                if p is not None))
+        ):
+            # Graph capture must see the bias built from the parameters, and training needs its gradient.
+            bias = self.attention_bias(grid, num_cross)
+        else:
+            bias = self.cached_attention_bias(grid, num_cross)
+        q, k, v = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cross is not None:
+            # Keys and values only: the release's query for the cross tokens is never used.
+            kv_cross = F.linear(cross, self.qkv.weight[channels:], self.qkv.bias[channels:])
+            k_cross, v_cross = kv_cross.reshape(batch, num_cross, 2, self.num_heads, self.head_dim).permute(
+                2, 0, 3, 1, 4
+            )
+            k = torch.cat((k, k_cross), dim=2)
+            v = torch.cat((v, v_cross), dim=2)
+        if self.attn_probe._forward_hooks or self.attn_probe._forward_pre_hooks:
+            # Analysis hooks need the probabilities themselves: compute them explicitly.
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            attn = self.attn_drop(self.attn_probe(logits.softmax(dim=-1)))
+            out = attn @ v
+        else:
+            dropout = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), dropout_p=dropout
+            )
+        out = out.transpose(1, 2).reshape(batch, num_tokens, channels)
         return self.proj_drop(self.proj(out))
 
 
@@ -189,7 +300,7 @@ class FcaBlock(nn.Module):
             but are never merged into cross tokens nor enhanced.
         mlp_ratio: FFN hidden size over ``dim``.
         drop_path: stochastic-depth rate of both residual branches.
-        ls_init_value: initial layer scale of both branches (``None``: no layer scale).
+        ls_init_value: initial layer scale of both branches (``0`` or ``None``: no layer scale).
         norm_eps: eps of the block's LayerNorms.
     """
 
@@ -229,14 +340,25 @@ class FcaBlock(nn.Module):
         self.attn = FcaAttention(
             dim, num_heads, self.grid_size, native_cross, rel_pos, num_prefix_tokens, attn_drop, proj_drop
         )
-        self.ls1 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ls1 = LayerScale(dim, ls_init_value) if ls_init_value else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.merge = nn.Conv2d(dim, dim, 7, 4, 3, groups=dim, bias=False) if emits_cross else None
         self.enhance = ConvBN(dim, dim, 3, groups=dim) if enhance else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = FcaMlp(dim, int(dim * mlp_ratio), norm_eps, proj_drop)
-        self.ls2 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ls2 = LayerScale(dim, ls_init_value) if ls_init_value else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference form, in place (timm's ``reparameterize_model`` calls this): layer scales folded into the
+        linear layers before them, and the attention switched to its fast path. Outputs are unchanged."""
+        for name, linear in (("ls1", self.attn.proj), ("ls2", self.mlp.fc2)):
+            layer_scale = getattr(self, name)
+            if isinstance(layer_scale, LayerScale):
+                fold_scale_into_linear_(linear, layer_scale.gamma)
+                setattr(self, name, nn.Identity())
+        self.attn.reparameterize()
 
     def scale_factors(self, cross_grid: Grid) -> torch.Tensor:
         """``(1, M, 1)`` LSFs, each source block's part resized to ``cross_grid``."""
@@ -278,7 +400,8 @@ class FcaBlock(nn.Module):
         cross_normed = cross_bias = None
         if cross is not None:
             cross_normed = self.normalize_cross(cross, cross_grid)
-            cross_bias = self.attn.cross_token_bias(cross_grid, self.cross_grid)
+            if not self.attn.fast:  # the fast path gathers (and caches) the cross-token bias itself
+                cross_bias = self.attn.cross_token_bias(cross_grid, self.cross_grid)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, cross_normed, cross_bias)))
 
         prefix, tokens = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]

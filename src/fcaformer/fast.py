@@ -1,0 +1,89 @@
+"""The fast inference path: fused, reparameterized FcaFormer models that compute what the faithful ones do.
+
+:func:`fuse_model` returns a model whose outputs equal the original's (eval mode, within float rounding) but
+that runs faster:
+
+- every conv + BatchNorm pair (stem, downsamples, TME enhance) is folded into one conv with bias;
+- every layer scale (ConvNeXt blocks, both branches of the Fca blocks) is folded into the linear layer before it;
+- the attention runs PyTorch's fused ``scaled_dot_product_attention`` with one additive bias (relative
+  positions and cross-token biases) gathered once per input size and cached; the cache key holds the bias
+  parameters' version counters and storage pointers, and ``train()`` / ``load_state_dict`` clear it;
+- no query is projected for the cross tokens (the release computes one and discards it);
+- parameters (and so activations) are kept channels-last, which removes the NCHW <-> NHWC copies around every
+  ConvNeXt block's LayerNorm.
+
+All of this is reached through timm's ``reparameterize_model`` too: the layers expose ``fuse()`` /
+``reparameterize()`` and timm calls them. Forward hooks on ``FcaAttention.attn_probe`` keep working: while one
+is registered the fast attention computes explicit probabilities and passes them through the probe.
+
+:func:`set_fast_attention` only switches the attention (no folding), which also speeds up training.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from timm.utils.model import reparameterize_model
+from torch import nn
+
+from .layers.fca import FcaAttention
+
+__all__ = ["fast_attention_modules", "fuse_model", "is_fused", "set_fast_attention"]
+
+
+def fast_attention_modules(model: nn.Module) -> list[FcaAttention]:
+    """Every :class:`~fcaformer.layers.FcaAttention` in ``model``."""
+    return [module for module in model.modules() if isinstance(module, FcaAttention)]
+
+
+def set_fast_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every Fca attention of ``model`` (in place) to the SDPA path, or back to the faithful one.
+
+    Unlike :func:`fuse_model` this keeps all parameters as they are, so it can be used for training: the
+    biases are then rebuilt (differentiably) on every forward, the cache is only used without gradients.
+
+    Raises:
+        ValueError: if ``model`` has no Fca attention at all (probably not an FcaFormer).
+    """
+    modules = fast_attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no FcaAttention layers; pass an FcaFormer model")
+    for module in modules:
+        module.fast = enabled
+        module.clear_bias_cache()
+    return model
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether every Fca attention of ``model`` runs the fast path."""
+    modules = fast_attention_modules(model)
+    return bool(modules) and all(module.fast for module in modules)
+
+
+def fuse_model(model: nn.Module, inplace: bool = False, channels_last: bool = True) -> nn.Module:
+    """The fast inference form of an FcaFormer model (see the module docstring), in eval mode.
+
+    Args:
+        model: any FcaFormer model (``fcaformer_l0`` ... ``l4``, the dense backbone) or a module holding one.
+        inplace: convert ``model`` itself instead of a deep copy.
+        channels_last: store the conv weights channels-last (faster on CPU; outputs are unchanged).
+
+    Returns:
+        the fused model. BatchNorm layers are gone, so it is for inference: ``train()`` on it would train a
+        different parameterisation (fine-tune the original and fuse again instead).
+
+    Raises:
+        ValueError: if ``model`` has no Fca attention at all.
+    """
+    if not fast_attention_modules(model):
+        raise ValueError(f"{type(model).__name__} has no FcaAttention layers; pass an FcaFormer model")
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    # timm walks the children only, so a model (not a wrapper) is reparameterized through its children; our
+    # layers provide fuse()/reparameterize(), so this reaches every fold described above.
+    reparameterize_model(model, inplace=True)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
