@@ -17,9 +17,11 @@ from fcaformer.analysis import (
     analyze,
     attention_shares,
     collect_images,
+    cross_tokens_masked,
     find_fca_blocks,
     load_analysis_model,
     lsfs_replaced,
+    measure_cross_ablation,
     measure_lsf_effect,
     query_cell,
 )
@@ -224,6 +226,31 @@ def test_lsf_effect_without_lsfs_is_empty():
     assert effect["blocks"] == {} and "logits_change" not in effect["model"]
 
 
+@torch.no_grad()
+def test_masking_cross_tokens_equals_the_network_without_them():
+    """Independent check of the ablation: masked cross tokens compute exactly what the cross_attention=False
+    network computes with the same (shared) weights."""
+    model = small_hybrid()
+    plain = FcaFormer(**{**SMALL, "ls_init_value": 1.0, "cross_attention": False}).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected  # the cross-token parameters only exist in the full model
+    images = torch.randn(2, 3, 128, 128)
+    intact = model(images)
+    biases = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("cross_bias")}
+    with cross_tokens_masked(model) as count, AttentionRecorder(model) as recorder:
+        masked = model(images)
+    assert count == 4
+    torch.testing.assert_close(masked, plain(images), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(masked, intact, atol=1e-3)
+    assert all(b["attention"]["cross_share"] == 0 for b in recorder.summary().values())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in biases.items())  # restored
+    result = measure_cross_ablation(model, [images], labels=[0, 1], progress=False)
+    expected = ((intact - masked).norm() / intact.norm()).item()
+    assert result["output_change"] == pytest.approx(expected, rel=1e-4)
+    assert result["top1"] == float((intact.argmax(-1) == torch.tensor([0, 1])).double().mean())
+    assert measure_cross_ablation(plain, [images], progress=False) is None
+
+
 # ----------------------------------------------------------------------------------------- API and CLI
 def make_image_folder(root, classes=("a_class", "b_class"), per_class=2):
     rng = np.random.default_rng(0)
@@ -263,6 +290,8 @@ def test_analyze_api_writes_json_markdown_and_figures(tmp_path):
     data = json.loads((tmp_path / "out" / "analysis.json").read_text())
     assert data["blocks"]["stages.2.blocks.3"]["source_blocks"] == [0, 1, 2]
     assert data["lsf_effect"]["model"]["top1_agreement"] == 1.0  # LSFs are 1 at init
+    assert data["cross_ablation"]["images"] == 4 and data["cross_ablation"]["output_change"] > 0
+    assert data["cross_ablation"]["top1"] == data["accuracy"]["top1"]
     markdown = (tmp_path / "out" / "analysis.md").read_text()
     assert "| S3.B3 | 3 |" in markdown and "![analysis_share_heatmap.png]" in markdown
     with pytest.raises(ValueError, match="out of range"):
@@ -292,6 +321,15 @@ def test_cli_on_project_checkpoints_with_comparison(tmp_path, capsys):
         assert data["model"]["kind"] == "project" and data["model"]["img_size"] == [64, 64]
         assert data["accuracy"]["label_order"] == "checkpoint class_names"
         assert {p["lsf_placement"] for p in data["parameters"].values()} == {lsf}
+
+
+def test_project_checkpoint_brings_its_normalisation(tmp_path):
+    kwargs = {**SMALL, "img_size": 64}
+    save_model(tmp_path / "m.pt", FcaFormer(**kwargs), "fcaformer_l1", kwargs,
+               data_config={"img_size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    loaded = load_analysis_model(tmp_path / "m.pt", window_size=(4, 2))
+    assert loaded.mean == (0.5, 0.5, 0.5) and loaded.std == (0.25, 0.25, 0.25) and loaded.img_size == (64, 64)
+    assert all(info.windowed for info, _ in find_fca_blocks(loaded.model))
 
 
 def test_cli_rejects_bad_queries(capsys):
@@ -334,3 +372,38 @@ def test_parity_checkpoint_on_real_images():
     with AttentionRecorder(loaded.model):
         logits = loaded.model(reference["input"])
     torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_release_checkpoint_with_truncated_history():
+    """cab_max_d = 2: block i sees only blocks i-2 and i-1; shares are recorded per source accordingly."""
+    checkpoint = shared_path("parity", "official_custom_cls_cab2.pt")
+    reference = torch.load(checkpoint, weights_only=True)
+    loaded = load_analysis_model(checkpoint)
+    with AttentionRecorder(loaded.model) as recorder:
+        logits = loaded.model(reference["input"])
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-4)
+    summary = recorder.summary()
+    stage3 = [summary[f"stages.2.blocks.{i}"] for i in range(5)]
+    assert [b["source_blocks"] for b in stage3] == [[], [0], [0, 1], [1, 2], [2, 3]]
+    assert [b["attention"]["tokens_per_source"] for b in stage3[1:]] == [9] * 4  # 10x10 grid -> 3x3 cross
+    assert all(len(b["attention"]["mean"]) == 1 + b["num_sources"] for b in stage3)
+
+
+@torch.no_grad()
+def test_release_windowed_backbone_with_padding():
+    """The release's dense backbone (windows of 14 and 7, padded at 200x300): outputs unchanged, and the
+    windows are unfolded per image."""
+    checkpoint = shared_path("parity", "official_seg_backbone_small.pt")
+    case = torch.load(checkpoint, weights_only=True)["cases"][2]
+    loaded = load_analysis_model(checkpoint)
+    assert type(loaded.model).__name__ == "FcaFormerDense"
+    with AttentionRecorder(loaded.model) as recorder:
+        features = loaded.model(case["input"])
+    for got, want in zip(features, case["features"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    summary = recorder.summary()
+    # 200x300 input: stage 3 is 13x19 -> 1x2 windows of 14; stage 4 is 7x10 -> 1x2 windows of 7
+    assert summary["stages.2.blocks.4"]["attention"]["windows_per_image"] == 2
+    assert summary["stages.3.blocks.1"]["attention"]["windows_per_image"] == 2
+    assert summary["stages.2.blocks.4"]["attention"]["tokens_per_source"] == 16

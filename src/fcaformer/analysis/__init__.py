@@ -11,6 +11,7 @@ Typical use::
 The hooks (:class:`AttentionRecorder`) only read the attention probabilities; model outputs are unchanged.
 """
 
+from .ablation import cross_tokens_masked, measure_cross_ablation
 from .api import DEFAULT_QUERIES, AnalysisResult, analyze, render_markdown
 from .layout import BlockInfo, find_fca_blocks
 from .lsf import lsfs_replaced, measure_lsf_effect, parameter_stats
@@ -30,10 +31,12 @@ __all__ = [
     "analyze",
     "attention_shares",
     "collect_images",
+    "cross_tokens_masked",
     "find_fca_blocks",
     "load_analysis_model",
     "load_image",
     "lsfs_replaced",
+    "measure_cross_ablation",
     "measure_lsf_effect",
     "parameter_stats",
     "query_cell",

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_json_dump, atomic_write
+from .ablation import measure_cross_ablation
 from .layout import find_fca_blocks
 from .lsf import measure_lsf_effect, parameter_stats
 from .recorder import AttentionRecorder, MapCapture
@@ -35,6 +36,7 @@ class AnalysisResult:
     parameters: dict[str, dict[str, Any]]
     lsf_effect: dict[str, Any] | None
     accuracy: dict[str, Any] | None
+    cross_ablation: dict[str, Any] | None = None
     maps: list[MapCapture] = field(default_factory=list, repr=False)
     map_images: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -46,6 +48,7 @@ class AnalysisResult:
             "parameters": self.parameters,
             "lsf_effect": self.lsf_effect,
             "accuracy": self.accuracy,
+            "cross_ablation": self.cross_ablation,
         }
 
     def cross_blocks(self) -> list[dict[str, Any]]:
@@ -111,6 +114,7 @@ def analyze(
     map_queries: Sequence[tuple[float, float]] = DEFAULT_QUERIES,
     map_blocks: Sequence[str] | None = None,
     measure_lsf: bool = True,
+    measure_ablation: bool = True,
     progress: bool = True,
 ) -> AnalysisResult:
     """Run the model over ``images`` and measure what forward cross attention does.
@@ -124,6 +128,8 @@ def analyze(
         map_queries: relative ``(y, x)`` query positions of the maps.
         map_blocks: block names to draw maps for (default: every global block with cross tokens).
         measure_lsf: also measure what the LSFs change (:func:`measure_lsf_effect`; about 3 more passes).
+        measure_ablation: also run the model with its cross tokens masked out (:func:`measure_cross_ablation`;
+            2 more passes).
         progress: show progress bars.
     """
     loaded = model if isinstance(model, LoadedModel) else None
@@ -160,7 +166,7 @@ def analyze(
                 if start * batch_size + local in recorder.map_images:
                     kept[start * batch_size + local] = raw[local]
 
-    accuracy = None
+    accuracy = labels = None
     if logits:
         labels = _label_indices(images, loaded, logits[0].shape[1])
         if labels is not None:
@@ -188,6 +194,11 @@ def analyze(
         blocks=recorder.summary(),
         parameters=parameters,
         lsf_effect=measure_lsf_effect(net, batches, progress=progress) if measure_lsf else None,
+        cross_ablation=(
+            measure_cross_ablation(net, batches, labels[0] if labels else None, progress=progress)
+            if measure_ablation
+            else None
+        ),
         accuracy=accuracy,
         maps=recorder.maps,
         map_images=kept,
@@ -237,6 +248,21 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
             f"{att['cross_share_std_over_images']:.3f} | {min(heads):.3f}-{max(heads):.3f} | "
             f"{_fmt(att['per_token_ratio'], '.2f')} | {by_source} |"
         )
+    ablation = result.cross_ablation
+    if ablation:
+        lines += [
+            "",
+            "## Without cross tokens",
+            "",
+            "The same weights with every cross token masked out of the softmax (cross-token bias -1e4): "
+            f"output change {ablation['output_change']:.3f} (relative RMS), top-1 agreement with the intact "
+            f"model {_fmt(ablation['top1_agreement'])}"
+            + (
+                f", top-1 {ablation['top1']:.3f} -> {ablation['top1_masked']:.3f} without cross tokens."
+                if "top1" in ablation
+                else "."
+            ),
+        ]
     if result.parameters:
         effect = (result.lsf_effect or {}).get("blocks", {})
         lines += [

@@ -80,11 +80,22 @@ def load_analysis_model(source: str | os.PathLike, **overrides: Any) -> LoadedMo
         if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
             model, checkpoint = load_model(raw, **overrides)
             kwargs = checkpoint.get("model_kwargs", {})
-            img_size = _pair(kwargs["img_size"]) if "img_size" in kwargs else native_img_size(model)
+            data = checkpoint.get("data_config") or {}  # written by the trainer: size and normalisation
+            size = kwargs.get("img_size", data.get("img_size"))
+            img_size = _pair(size) if size is not None else native_img_size(model)
             details = {"model_name": checkpoint.get("model_name"), "model_kwargs": _jsonable(kwargs)}
+            if checkpoint.get("metrics"):
+                details["checkpoint_metrics"] = _jsonable(checkpoint["metrics"])
             names = checkpoint.get("class_names")
             return LoadedModel(
-                model, text, "project", img_size, class_names=list(names) if names else None, details=details
+                model,
+                text,
+                "project",
+                img_size,
+                mean=tuple(data.get("mean", IMAGENET_DEFAULT_MEAN)),
+                std=tuple(data.get("std", IMAGENET_DEFAULT_STD)),
+                class_names=list(names) if names else None,
+                details=details,
             )
         try:
             model = load_official(raw, **overrides)

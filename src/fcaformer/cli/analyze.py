@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="indices of the images whose attention maps are drawn (default 0 1)")
     parser.add_argument("--no-lsf-effect", action="store_true",
                         help="skip measuring the LSFs' effect (saves about three forward passes)")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="skip the run with cross tokens masked out (saves two forward passes)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.set_defaults(func=run)
 
@@ -74,10 +76,16 @@ def run(args: argparse.Namespace) -> int:
             map_images=[i for i in args.map_images if i < len(images)],
             map_queries=args.queries or DEFAULT_QUERIES,
             measure_lsf=not args.no_lsf_effect,
+            measure_ablation=not args.no_ablation,
         )
         out_dir = args.out / name if len(args.models) > 1 else args.out
         files = result.save(out_dir, name="analysis")
         results[name] = result
+        if result.cross_ablation:
+            ablation = result.cross_ablation
+            console.print(f"  without cross tokens: output change {ablation['output_change']:.3f}"
+                          + (f", top-1 {ablation['top1']:.3f} -> {ablation['top1_masked']:.3f}"
+                             if "top1" in ablation else ""))
         for block in result.cross_blocks():
             att = block["attention"]
             console.print(f"  {block['label']}: cross share {att['cross_share']:.3f} "
