@@ -270,11 +270,13 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
             "## LSFs and cross-token biases",
             "",
             "LSF change columns: relative RMS change when this block's LSFs are set to 1, on its real inputs "
-            "(normed cross tokens, attention-branch output, block output).",
+            "(normed cross tokens, attention-branch output, block output). Cross-token var.: mean per-token "
+            "variance of the incoming cross tokens (LayerNorm eps is 1e-5; the release's LN(a s) = sign(a) LN(s) "
+            "only while it is much larger).",
             "",
             "| block | LSF placement | LSF mean ± std [min, max] | LSF < 0 | bias mean ± std [min, max] | "
-            "normed-cross change | attention change | output change |",
-            "|---|---|---|---|---|---|---|---|",
+            "normed-cross change | attention change | output change | cross-token var. |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, entry in result.parameters.items():
             lsf, bias, eff = entry.get("lsf"), entry["bias"], effect.get(name, {})
@@ -284,7 +286,7 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
                 f"{_fmt(lsf['frac_negative'] if lsf else None, '.2f')} | "
                 f"{bias['mean']:.3f} ± {bias['std']:.3f} [{bias['min']:.2f}, {bias['max']:.2f}] | "
                 f"{_fmt(eff.get('normed_cross_change'), '.2e')} | {_fmt(eff.get('attention_change'), '.2e')} | "
-                f"{_fmt(eff.get('output_change'), '.2e')} |"
+                f"{_fmt(eff.get('output_change'), '.2e')} | {_fmt(eff.get('cross_token_variance'), '.2e')} |"
             )
         model_effect = (result.lsf_effect or {}).get("model", {})
         if model_effect.get("logits_change") is not None:

@@ -105,7 +105,9 @@ def measure_lsf_effect(
       attention (release placement: ~0 unless an LSF is negative);
     - ``attention_change``: ``|A(a) - A(1)| / |A(a)|`` of the attention branch's output (before the layer
       scale), the part of the block the cross tokens enter;
-    - ``output_change``: ``|y(a) - y(1)| / |y(a)|`` of the block's output tokens.
+    - ``output_change``: ``|y(a) - y(1)| / |y(a)|`` of the block's output tokens;
+    - ``cross_token_variance``: mean per-token variance (over channels) of the incoming cross tokens, to
+      compare with the LayerNorm's ``norm_eps``.
 
     And for the whole model with all LSFs at ``value`` at once: ``logits_change`` (relative RMS) and
     ``top1_agreement`` (fraction of images with the same arg-max).
@@ -119,6 +121,7 @@ def measure_lsf_effect(
     # attention hooks store the reference output); "off": the whole-model reference pass, hooks stay silent.
     state = {"mode": "compare"}
     attention_out: dict[str, torch.Tensor] = {}
+    spread: dict[str, tuple[float, int]] = {}
 
     def attention_hook(info: BlockInfo):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -147,6 +150,13 @@ def measure_lsf_effect(
             finally:
                 state["mode"] = "compare"
             norms.add(f"{info.name}/normed", normed - normed_ref, normed)
+            # per-token variance over channels of the cross tokens entering the LSF + LayerNorm: LN(a s) = LN(s)
+            # only while this is large against LN's eps
+            variance = cross.double().var(-1, unbiased=False)
+            spread[info.name] = (
+                spread.get(info.name, (0.0, 0))[0] + float(variance.sum()),
+                spread.get(info.name, (0.0, 0))[1] + variance.numel(),
+            )
             norms.add(f"{info.name}/output", output[0] - out_ref, output[0])
             if attention is not None:
                 norms.add(f"{info.name}/attention", attention - attention_out[info.name], attention)
@@ -183,8 +193,10 @@ def measure_lsf_effect(
             "normed_cross_change": norms.ratio(f"{info.name}/normed"),
             "attention_change": norms.ratio(f"{info.name}/attention"),
             "output_change": norms.ratio(f"{info.name}/output"),
+            "cross_token_variance": spread[info.name][0] / spread[info.name][1] if info.name in spread else None,
+            "norm_eps": block.norm_cross.eps,
         }
-        for info, _ in found
+        for info, block in found
     }
     model_level: dict[str, Any] = {"replaced_with": value}
     if found:

@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="relative query positions of the attention maps (default 0.5,0.5 0.2,0.2)")
     parser.add_argument("--map-images", type=int, nargs="*", default=[0, 1], metavar="I",
                         help="indices of the images whose attention maps are drawn (default 0 1)")
+    parser.add_argument("--fast", action="store_true",
+                        help="analyse the fused fast-inference form (fcaformer.fast.fuse_model) of each model")
     parser.add_argument("--no-lsf-effect", action="store_true",
                         help="skip measuring the LSFs' effect (saves about three forward passes)")
     parser.add_argument("--no-ablation", action="store_true",
@@ -66,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for name, source in zip(names, args.models, strict=True):
         loaded = load_analysis_model(source, **overrides)
+        if args.fast:
+            from ..fast import fuse_model
+
+            loaded.model = fuse_model(loaded.model, inplace=True)
+            loaded.details["fused"] = True
         console.print(f"[bold]{source}[/]: {type(loaded.model).__name__} ({loaded.kind}), "
                       f"{len(images)} images at {args.img_size or loaded.img_size}")
         result = analyze(
