@@ -135,6 +135,11 @@ def test_cross_token_bias_steers_the_recorded_shares():
     assert steered["mean"][2] > 0.999 and steered["cross_share"] > 0.999
     assert all(share > 0.999 for share in steered["cross_share_per_head"])
     assert summary["stages.2.blocks.2"]["attention"]["cross_share"] < 1e-6
+    # value-weighted: the steered block's attention output comes (almost) entirely from cross tokens, the
+    # masked block's not at all
+    assert steered["cross_output_fraction"] == pytest.approx(1.0, abs=1e-3)
+    assert summary["stages.2.blocks.2"]["attention"]["cross_output_fraction"] < 1e-6
+    assert steered["value_norm_ratio"] > 0
 
 
 @torch.no_grad()

@@ -230,11 +230,13 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
         "",
         "Share of each query's softmax mass on cross tokens (mean over heads, images, windows and query"
         " positions; ± std over images; range over heads). *per-token ratio*: attention per cross token over"
-        " attention per regular token.",
+        " attention per regular token. *cross output fraction*: |Σ_cross p·v| / |Σ_all p·v|, the share of the"
+        " attention output's norm that comes from cross tokens (RMS over queries and heads). *value-norm ratio*:"
+        " RMS norm of a cross token's value vector over a regular token's.",
         "",
         "| block | sources | regular keys | cross keys | cross share | head range | per-token ratio "
-        "| by source (oldest first) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| by source (oldest first) | cross output fraction | value-norm ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for block in result.blocks.values():
         att = block["attention"]
@@ -246,7 +248,8 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
             f"| {block['label']} | {block['num_sources']} | {att['num_regular_tokens']} | "
             f"{att['tokens_per_source'] * block['num_sources']} | {att['cross_share']:.3f} ± "
             f"{att['cross_share_std_over_images']:.3f} | {min(heads):.3f}-{max(heads):.3f} | "
-            f"{_fmt(att['per_token_ratio'], '.2f')} | {by_source} |"
+            f"{_fmt(att['per_token_ratio'], '.2f')} | {by_source} | "
+            f"{_fmt(att.get('cross_output_fraction'))} | {_fmt(att.get('value_norm_ratio'), '.2f')} |"
         )
     ablation = result.cross_ablation
     if ablation:
@@ -275,8 +278,8 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
             "only while it is much larger).",
             "",
             "| block | LSF placement | LSF mean ± std [min, max] | LSF < 0 | bias mean ± std [min, max] | "
-            "normed-cross change | attention change | output change | cross-token var. |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "normed-cross change | attention change | output change | cross-token var. | attn. layer scale mean abs |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, entry in result.parameters.items():
             lsf, bias, eff = entry.get("lsf"), entry["bias"], effect.get(name, {})
@@ -286,7 +289,8 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
                 f"{_fmt(lsf['frac_negative'] if lsf else None, '.2f')} | "
                 f"{bias['mean']:.3f} ± {bias['std']:.3f} [{bias['min']:.2f}, {bias['max']:.2f}] | "
                 f"{_fmt(eff.get('normed_cross_change'), '.2e')} | {_fmt(eff.get('attention_change'), '.2e')} | "
-                f"{_fmt(eff.get('output_change'), '.2e')} | {_fmt(eff.get('cross_token_variance'), '.2e')} |"
+                f"{_fmt(eff.get('output_change'), '.2e')} | {_fmt(eff.get('cross_token_variance'), '.2e')} | "
+                f"{_fmt(entry.get('attention_layer_scale', {}).get('mean_abs'), '.2e')} |"
             )
         model_effect = (result.lsf_effect or {}).get("model", {})
         if model_effect.get("logits_change") is not None:

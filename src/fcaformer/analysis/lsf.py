@@ -34,7 +34,8 @@ def _stats(values: torch.Tensor) -> dict[str, float]:
 def parameter_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per Fca block with cross tokens: LSF and cross-token-bias statistics, overall and per source block.
 
-    Biases are also given per head. Blocks without cross tokens are left out.
+    Biases are also given per head, and the attention branch's layer scale (``attention_layer_scale``) when the
+    block has one. Blocks without cross tokens are left out.
     """
     out: dict[str, dict[str, Any]] = {}
     for info, block in find_fca_blocks(model):
@@ -49,6 +50,10 @@ def parameter_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
         entry["bias"] = _stats(bias)
         entry["bias_per_source"] = [_stats(bias[:, j]) for j in range(info.num_sources)]
         entry["bias_per_head"] = [_stats(bias[h]) for h in range(info.num_heads)]
+        gamma = getattr(block.ls1, "gamma", None)  # absent once fused (folded into the projection)
+        if gamma is not None:
+            # the attention branch's layer scale: how loudly whatever attention returns enters the residual
+            entry["attention_layer_scale"] = _stats(gamma)
         out[info.name] = entry
     return out
 

@@ -40,6 +40,27 @@ class ShareAccumulator:
     mean_sum: torch.Tensor | None = None  # (K,) of the head-averaged share
     mean_sumsq: torch.Tensor | None = None
     per_image: list[torch.Tensor] = field(default_factory=list)  # (B, heads, K) means over windows and queries
+    # value-weighted: squared norms of the attention output from the cross keys and from all keys, and of
+    # the value vectors of regular and cross tokens (summed over heads, queries / keys)
+    cross_output_sq: float = 0.0
+    total_output_sq: float = 0.0
+    regular_value_sq: float = 0.0
+    regular_value_count: int = 0
+    cross_value_sq: float = 0.0
+    cross_value_count: int = 0
+
+    def add_values(self, probs: torch.Tensor, values: torch.Tensor, num_regular: int) -> None:
+        """Add how much the cross tokens contribute to the attention output, given the ``(B', heads, N + M, d)``
+        values the probabilities weigh."""
+        probs, values = probs.double(), values.double()
+        cross_out = probs[..., num_regular:] @ values[:, :, num_regular:]
+        total_out = probs @ values
+        self.cross_output_sq += float(cross_out.square().sum())
+        self.total_output_sq += float(total_out.square().sum())
+        self.regular_value_sq += float(values[:, :, :num_regular].square().sum(-1).sum())
+        self.regular_value_count += values[:, :, :num_regular].shape[:3].numel()
+        self.cross_value_sq += float(values[:, :, num_regular:].square().sum(-1).sum())
+        self.cross_value_count += values[:, :, num_regular:].shape[:3].numel()
 
     def add(self, shares: torch.Tensor) -> None:
         """Add ``(B, windows, heads, N, K)`` shares."""
@@ -104,6 +125,18 @@ class ShareAccumulator:
             # Attention a single cross token gets relative to a single regular token: > 1 means a cross token
             # attracts more than its number alone would give it.
             per_token_ratio=(cross / num_cross) / (regular / self.num_regular) if num_cross and regular else None,
+            # |sum over cross keys of p v| / |sum over all keys of p v| (RMS over queries and heads): how much of
+            # what attention returns comes from the cross tokens, as opposed to how much mass they get
+            cross_output_fraction=(
+                (self.cross_output_sq / self.total_output_sq) ** 0.5 if self.total_output_sq and num_cross else None
+            ),
+            # RMS norm of a cross token's value vector over a regular token's
+            value_norm_ratio=(
+                (self.cross_value_sq / self.cross_value_count) ** 0.5
+                / (self.regular_value_sq / self.regular_value_count) ** 0.5
+                if self.cross_value_count and self.regular_value_sq
+                else None
+            ),
         )
         return out
 
@@ -172,6 +205,7 @@ class AttentionRecorder:
         self._batch = 0
         self._batch_offset = 0
         self._grids: dict[str, Grid] = {}
+        self._values: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     # ------------------------------------------------------------------------------------------- hooks
@@ -180,6 +214,8 @@ class AttentionRecorder:
         for info, block in self.blocks:
             self._handles.append(block.register_forward_pre_hook(self._grid_hook(info), with_kwargs=True))
             self._handles.append(block.attn.attn_probe.register_forward_hook(self._probe_hook(info)))
+            if info.num_sources:
+                self._handles.append(block.attn.register_forward_pre_hook(self._values_hook(info), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -199,6 +235,23 @@ class AttentionRecorder:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             grid = args[1] if len(args) > 1 else kwargs.get("grid")
             self._grids[info.name] = (int(grid[0]), int(grid[1]))
+
+        return hook
+
+    def _values_hook(self, info: BlockInfo):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0]
+            cross = args[2] if len(args) > 2 else kwargs.get("cross")
+            if cross is None:
+                return
+            # The value rows of the shared qkv projection (q, k, v stacked), applied to the normed regular and
+            # cross tokens the attention receives: exactly the values its probabilities weigh.
+            with torch.no_grad():
+                channels = x.shape[-1]
+                weight, bias = module.qkv.weight[2 * channels :], module.qkv.bias[2 * channels :]
+                tokens = torch.cat((x, cross), dim=1).detach()
+                values = torch.nn.functional.linear(tokens, weight, bias)
+                self._values[info.name] = values.unflatten(-1, (module.num_heads, -1)).transpose(1, 2)
 
         return hook
 
@@ -230,6 +283,9 @@ class AttentionRecorder:
         acc.num_regular, acc.windows, acc.grid = num_regular, windows, grid
         acc.tokens_per_source = (num_keys - num_regular) // info.num_sources if info.num_sources else 0
         acc.add(shares.unflatten(0, (self._batch, windows)))
+        values = self._values.pop(info.name, None)
+        if values is not None:
+            acc.add_values(probs, values, num_regular)
         self._capture_maps(info, grid, probs, windows)
 
     def _capture_maps(self, info: BlockInfo, grid: Grid, probs: torch.Tensor, windows: int) -> None:
