@@ -161,7 +161,9 @@ def plot_attention_maps(
     picture = image.permute(1, 2, 0).clamp(0, 1).numpy()
     height, width = picture.shape[:2]
     columns = 2 + max(c.block.num_sources for c in captures)
-    fig, axes = plt.subplots(len(captures), columns, figsize=(2.3 * columns, 2.4 * len(captures)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(captures), columns, figsize=(2.3 * columns, 2.4 * len(captures)), squeeze=False, layout="constrained"
+    )
     for row, capture in zip(axes, captures, strict=False):
         probs = capture.probs.mean(0).numpy()  # mean over heads
         gh, gw = capture.grid
