@@ -90,7 +90,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     eps: float = 1e-8
     sched: str = "cosine"
-    warmup_epochs: float = 0
+    warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-6
     clip_grad: float | None = None
@@ -199,6 +199,14 @@ def _section_fields(section: str) -> dict[str, dataclasses.Field]:
 
 def _coerce(section: str, key: str, value: Any, current: Any) -> Any:
     """Match the YAML value to the field's type (tuples from lists, floats from ints) or explain the mismatch."""
+    annotation = str(_section_fields(section)[key].type)
+    if isinstance(value, str) and "float" in annotation:
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{section}.{key} expects a number, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool) and annotation.startswith("float"):
+        value = float(value)
     if value is None or current is None:
         return value
     if isinstance(current, tuple):
