@@ -67,6 +67,10 @@ def fold_scale_into_linear_(linear: nn.Linear, scale: torch.Tensor) -> None:
         linear.bias.mul_(scale.reshape(-1))
 
 
+def _clear_bias_cache_hook(module: FcaAttention, *args: object) -> None:
+    module.clear_bias_cache()
+
+
 class FcaAttention(nn.Module):
     """Multi-head attention of regular tokens over ``[regular; cross]`` keys.
 
@@ -116,7 +120,8 @@ class FcaAttention(nn.Module):
         # Fast path (see fcaformer.fast): off by default, so the faithful computation runs unless asked for.
         self.fast = False
         self._bias_cache: dict[tuple, torch.Tensor] = {}
-        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.clear_bias_cache())
+        # A module-level hook (it gets the module as an argument) so that deep copies clear their own cache.
+        self.register_load_state_dict_pre_hook(_clear_bias_cache_hook)
 
     def position_bias(self, grid: Grid) -> torch.Tensor | None:
         """``(heads, N, N)`` relative-position bias for ``grid`` (``None`` without a table)."""

@@ -250,6 +250,12 @@ class FcaFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def fuse(self) -> FcaFormer:
+        """Convert this model in place to the fast inference path (see :func:`fcaformer.fast.fuse_model`)."""
+        from ..fast import fuse_model
+
+        return fuse_model(self, inplace=True)
+
 
 class FcaFormerDense(FcaFormer):
     """The release's dense-prediction backbone: windowed Fca stages and four projected, normalised maps.

@@ -180,6 +180,12 @@ class FcaFormerPlain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def fuse(self) -> FcaFormerPlain:
+        """Convert this model in place to the fast inference path (see :func:`fcaformer.fast.fuse_model`)."""
+        from ..fast import fuse_model
+
+        return fuse_model(self, inplace=True)
+
 
 default_cfgs = generate_default_cfgs(
     {
