@@ -15,6 +15,7 @@ from fcaformer import FcaFormer, FcaStage
 from fcaformer.analysis import (
     AttentionRecorder,
     analyze,
+    attention_removed,
     attention_shares,
     collect_images,
     cross_tokens_masked,
@@ -256,6 +257,18 @@ def test_masking_cross_tokens_equals_the_network_without_them():
     assert result["output_change"] == pytest.approx(expected, rel=1e-4)
     assert result["top1"] == float((intact.argmax(-1) == torch.tensor([0, 1])).double().mean())
     assert measure_cross_ablation(plain, [images], progress=False) is None
+    # removing the attention branch = zero attention layer scale
+    import copy
+
+    silent = copy.deepcopy(model)
+    for _, block in find_fca_blocks(silent):
+        block.ls1.gamma.zero_()
+    with attention_removed(model) as count:
+        bare = model(images)
+    assert count == 6
+    torch.testing.assert_close(bare, silent(images))
+    expected = ((intact - bare).norm() / intact.norm()).item()
+    assert result["output_change_without_attention"] == pytest.approx(expected, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------------------- API and CLI
@@ -370,7 +383,8 @@ def test_parity_checkpoint_on_real_images():
     images = collect_images([shared_path("data", "imagenette-160", "val")], num_images=2)
     loaded = load_analysis_model(checkpoint)
     assert loaded.kind == "release" and loaded.img_size == (224, 224)
-    result = analyze(loaded, images, batch_size=2, map_images=[0], measure_lsf=False, progress=False)
+    result = analyze(loaded, images, batch_size=2, map_images=[0], measure_lsf=False, measure_ablation=False,
+                     progress=False)
     blocks = result.blocks
     assert [b["num_sources"] for b in blocks.values()] == [0, 1, 2, 3, 4, 5, 0, 1]
     assert blocks["stages.2.blocks.5"]["attention"]["tokens_per_source"] == 16  # ceil(14/4)^2

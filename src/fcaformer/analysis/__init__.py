@@ -11,7 +11,7 @@ Typical use::
 The hooks (:class:`AttentionRecorder`) only read the attention probabilities; model outputs are unchanged.
 """
 
-from .ablation import cross_tokens_masked, measure_cross_ablation
+from .ablation import attention_removed, cross_tokens_masked, measure_cross_ablation
 from .api import DEFAULT_QUERIES, AnalysisResult, analyze, render_markdown
 from .layout import BlockInfo, find_fca_blocks
 from .lsf import lsfs_replaced, measure_lsf_effect, parameter_stats
@@ -29,6 +29,7 @@ __all__ = [
     "MapCapture",
     "ShareAccumulator",
     "analyze",
+    "attention_removed",
     "attention_shares",
     "collect_images",
     "cross_tokens_masked",

@@ -265,6 +265,10 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
                 if "top1" in ablation
                 else "."
             ),
+            "",
+            "For scale, with the whole attention branch of every Fca block removed (TME and FFN only): output "
+            f"change {ablation['output_change_without_attention']:.3f}"
+            + (f", top-1 {ablation['top1_without_attention']:.3f}." if "top1" in ablation else "."),
         ]
     if result.parameters:
         effect = (result.lsf_effect or {}).get("blocks", {})
@@ -278,7 +282,8 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
             "only while it is much larger).",
             "",
             "| block | LSF placement | LSF mean ± std [min, max] | LSF < 0 | bias mean ± std [min, max] | "
-            "normed-cross change | attention change | output change | cross-token var. | attn. layer scale mean abs |",
+            "normed-cross change | attention change | output change | cross-token var. "
+            "| layer scale mean abs (attn / FFN) |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, entry in result.parameters.items():
@@ -290,7 +295,8 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
                 f"{bias['mean']:.3f} ± {bias['std']:.3f} [{bias['min']:.2f}, {bias['max']:.2f}] | "
                 f"{_fmt(eff.get('normed_cross_change'), '.2e')} | {_fmt(eff.get('attention_change'), '.2e')} | "
                 f"{_fmt(eff.get('output_change'), '.2e')} | {_fmt(eff.get('cross_token_variance'), '.2e')} | "
-                f"{_fmt(entry.get('attention_layer_scale', {}).get('mean_abs'), '.2e')} |"
+                f"{_fmt(entry.get('attention_layer_scale', {}).get('mean_abs'), '.2e')} / "
+                f"{_fmt(entry.get('ffn_layer_scale', {}).get('mean_abs'), '.2e')} |"
             )
         model_effect = (result.lsf_effect or {}).get("model", {})
         if model_effect.get("logits_change") is not None:

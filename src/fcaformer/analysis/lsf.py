@@ -34,8 +34,8 @@ def _stats(values: torch.Tensor) -> dict[str, float]:
 def parameter_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per Fca block with cross tokens: LSF and cross-token-bias statistics, overall and per source block.
 
-    Biases are also given per head, and the attention branch's layer scale (``attention_layer_scale``) when the
-    block has one. Blocks without cross tokens are left out.
+    Biases are also given per head, and the layer scales of the attention and FFN branches
+    (``attention_layer_scale``, ``ffn_layer_scale``) when the block has them. Blocks without cross tokens are left out.
     """
     out: dict[str, dict[str, Any]] = {}
     for info, block in find_fca_blocks(model):
@@ -54,6 +54,9 @@ def parameter_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
         if gamma is not None:
             # the attention branch's layer scale: how loudly whatever attention returns enters the residual
             entry["attention_layer_scale"] = _stats(gamma)
+        gamma = getattr(block.ls2, "gamma", None)
+        if gamma is not None:
+            entry["ffn_layer_scale"] = _stats(gamma)
         out[info.name] = entry
     return out
 
