@@ -333,14 +333,14 @@ def test_cli_on_project_checkpoints_with_comparison(tmp_path, capsys):
         save_model(tmp_path / f"{name}.pt", small_hybrid(**kwargs, lsf=lsf), "fcaformer_l1",
                    {**kwargs, "lsf": lsf, "ls_init_value": 1.0}, class_names=["a_class", "b_class"])
     code = main(["analyze", str(tmp_path / "release.pt"), str(tmp_path / "post.pt"), "--images", str(root),
-                 "--num-images", "3", "--queries", "0.5,0.5", "--map-images", "0", "--fast",
+                 "--num-images", "3", "--queries", "0.5,0.5", "--map-images", "0", "--fast", "--no-lsf-effect",
                  "--out", str(tmp_path / "o")])
     assert code == 0
     assert (tmp_path / "o" / "compare_share_by_depth.png").read_bytes()[:8] == PNG_MAGIC
     for name, lsf in (("release", "release"), ("post", "post_norm")):
         data = json.loads((tmp_path / "o" / name / "analysis.json").read_text())
         assert data["model"]["kind"] == "project" and data["model"]["img_size"] == [64, 64]
-        assert data["model"]["fused"] and data["cross_ablation"]["images"] == 3
+        assert data["model"]["fused"] and data["cross_ablation"]["images"] == 3 and data["lsf_effect"] is None
         assert data["accuracy"]["label_order"] == "checkpoint class_names"
         assert {p["lsf_placement"] for p in data["parameters"].values()} == {lsf}
 
