@@ -331,10 +331,8 @@ class Trainer:
             else:
                 record.update(val_top1=None, val_top5=None, val_loss=None)
             self.history.append(record)
-            if stopped and self.pos.batch < self.batches_per_epoch:
-                self.save_checkpoint()  # mid-epoch stop (max_steps): resumable where it stopped
-                break
-            self.pos = Position(epoch + 1, 0, self.pos.step)
+            if not (stopped and self.pos.batch < self.batches_per_epoch):  # else: resumable mid-epoch
+                self.pos = Position(epoch + 1, 0, self.pos.step)
             self.save_checkpoint()
             if main:
                 write_jsonl(self.out / "metrics.jsonl", self.history)
