@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--reduce-zero-label", action="store_true", help="ADE20K: label 0 ignored, others - 1")
     train.add_argument("--backbone-mode", default="windowed", choices=("windowed", "global"))
     train.add_argument("--decoder-channels", type=int, default=512)
+    train.add_argument("--decoder-norm", default="batchnorm", choices=("batchnorm", "identity"),
+                       help="UperNet norm; identity for tiny per-process batches")
     train.add_argument("--crop-size", type=_pair, default=(512, 512), help="train crop HxW (multiples of 32)")
     train.add_argument("--base-size", type=int, default=512, help="shorter side before random scaling")
     train.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
@@ -86,7 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
         img_dir=args.img_dir, ann_dir=args.ann_dir, out_dir=args.out, num_classes=args.num_classes,
         variant=args.model, backbone_mode=args.backbone_mode, backbone_kwargs=args.backbone_kwargs,
         backbone_weights=args.backbone_weights, decoder_channels=args.decoder_channels,
-        reduce_zero_label=args.reduce_zero_label, crop_size=tuple(args.crop_size), base_size=args.base_size,
+        decoder_norm=args.decoder_norm, reduce_zero_label=args.reduce_zero_label,
+        crop_size=tuple(args.crop_size), base_size=args.base_size,
         scale_range=None if args.single_scale else tuple(args.scale_range), iterations=args.iterations,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
         warmup_iters=args.warmup_iters, clip_grad=args.clip_grad, checkpoint_every=args.checkpoint_every,

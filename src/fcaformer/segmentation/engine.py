@@ -51,6 +51,7 @@ class SegmentTrainConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     backbone_weights: str | None = None
     decoder_channels: int = 512
+    decoder_norm: str = "batchnorm"
     reduce_zero_label: bool = False
     crop_size: tuple[int, int] = (512, 512)
     base_size: int = 512
@@ -77,7 +78,8 @@ class SegmentTrainConfig:
 def builder_kwargs(config: SegmentTrainConfig) -> dict[str, Any]:
     """Arguments of :func:`~fcaformer.segmentation.model.upernet` for a config (weights not included)."""
     return dict(variant=config.variant, num_classes=config.num_classes, backbone_mode=config.backbone_mode,
-                backbone_kwargs=dict(config.backbone_kwargs), decoder_channels=config.decoder_channels)
+                backbone_kwargs=dict(config.backbone_kwargs), decoder_channels=config.decoder_channels,
+                decoder_norm=config.decoder_norm)
 
 
 def segmentation_loss(model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from ..detection.backbone import DEFAULT_WINDOW, LoadReport, load_backbone_weigh
 from ..models import ARCHS
 
 SEGMENTOR_MODES: tuple[str, ...] = ("windowed", "global")
+DECODER_NORMS: tuple[str, ...] = ("batchnorm", "identity")
 SIZE_DIVISOR = 32
 """smp checks that inputs are multiples of the encoder's output stride; :func:`pad_to_multiple` pads."""
 
@@ -28,6 +29,7 @@ def upernet(
     backbone_weights: str | os.PathLike | Mapping[str, Any] | None = None,
     backbone_kwargs: Mapping[str, Any] | None = None,
     decoder_channels: int = 512,
+    decoder_norm: str = "batchnorm",
 ) -> smp.UPerNet:
     """``smp.UPerNet(encoder_name="tu-<variant>")`` with FcaFormer's four stage maps (strides 4-32).
 
@@ -40,6 +42,9 @@ def upernet(
             mmseg checkpoints' 1x1 projections have no counterpart here and are reported as unused).
         backbone_kwargs: architecture overrides (``dims``, ``depths``, ``num_heads``, ``drop_path_rate``, ...).
         decoder_channels: UperNet width (512 as in the release's mmseg config; smp's default is 256).
+        decoder_norm: ``"batchnorm"`` (as the release's SyncBN) or ``"identity"`` (no norm, convs get biases).
+            With tiny batches BatchNorm's batch statistics (the PSP branch pools to 1x1) differ badly from its
+            running statistics, so eval-mode predictions collapse; use ``"identity"`` there.
     """
     import fcaformer  # noqa: F401  (registers the encoders with timm)
 
@@ -47,11 +52,13 @@ def upernet(
         raise ValueError(f"unknown backbone {variant!r}; choose one of {sorted(ARCHS)}")
     if backbone_mode not in SEGMENTOR_MODES:
         raise ValueError(f"unknown backbone mode {backbone_mode!r} for UperNet; choose one of {SEGMENTOR_MODES}")
+    if decoder_norm not in DECODER_NORMS:
+        raise ValueError(f"unknown decoder_norm {decoder_norm!r}; choose one of {DECODER_NORMS}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     windows = tuple(window_size) if backbone_mode == "windowed" else None
     model = smp.UPerNet(encoder_name=f"tu-{variant}", encoder_weights=None, classes=num_classes,
-                        decoder_channels=decoder_channels, window_size=windows, **dict(backbone_kwargs or {}))
+                        decoder_channels=decoder_channels, decoder_use_norm=decoder_norm, window_size=windows, **dict(backbone_kwargs or {}))
     # The classifier's LayerNorm is unused by the encoder; drop it (no gradient-less parameters under DDP).
     segmentor_trunk(model).head = nn.Identity()
     if backbone_weights is not None:
