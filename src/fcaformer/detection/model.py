@@ -126,7 +126,8 @@ def faster_rcnn(
 ) -> FasterRCNN:
     """Faster R-CNN (torchvision) with an FPN on FcaFormer; arguments as :func:`mask_rcnn`."""
     return _build(FasterRCNN, variant, num_classes, backbone_mode, window_size, backbone_weights,
-                  backbone_kwargs, fpn_channels, min_size, max_size, box_head_dim, mask_head_channels, **detector_kwargs)
+                  backbone_kwargs, fpn_channels, min_size, max_size, box_head_dim, mask_head_channels,
+                  **detector_kwargs)
 
 
 DETECTORS = {"mask_rcnn": mask_rcnn, "faster_rcnn": faster_rcnn}

@@ -58,7 +58,8 @@ def upernet(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     windows = tuple(window_size) if backbone_mode == "windowed" else None
     model = smp.UPerNet(encoder_name=f"tu-{variant}", encoder_weights=None, classes=num_classes,
-                        decoder_channels=decoder_channels, decoder_use_norm=decoder_norm, window_size=windows, **dict(backbone_kwargs or {}))
+                        decoder_channels=decoder_channels, decoder_use_norm=decoder_norm, window_size=windows,
+                        **dict(backbone_kwargs or {}))
     # The classifier's LayerNorm is unused by the encoder; drop it (no gradient-less parameters under DDP).
     segmentor_trunk(model).head = nn.Identity()
     if backbone_weights is not None:
