@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,15 +14,23 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from ..io import atomic_write  # noqa: E402
 from .recorder import MapCapture  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
-    written = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
+def _save(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110, palette: bool = False) -> Path:
+    """Write ``fig`` as a PNG; ``palette`` stores it with an adaptive 256-colour palette (photo overlays are
+    several MB as RGBA, a few hundred kB this way)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return written
+    if palette:
+        with Image.open(io.BytesIO(buffer.getvalue())) as image:
+            buffer = io.BytesIO()
+            image.convert("RGB").quantize(256).save(buffer, format="png", optimize=True)
+    return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
 def _stages(blocks: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -162,7 +171,7 @@ def plot_attention_maps(
     height, width = picture.shape[:2]
     columns = 2 + max(c.block.num_sources for c in captures)
     fig, axes = plt.subplots(
-        len(captures), columns, figsize=(2.3 * columns, 2.4 * len(captures)), squeeze=False, layout="constrained"
+        len(captures), columns, figsize=(1.9 * columns, 2.0 * len(captures)), squeeze=False, layout="constrained"
     )
     for row, capture in zip(axes, captures, strict=False):
         probs = capture.probs.mean(0).numpy()  # mean over heads
@@ -192,4 +201,4 @@ def plot_attention_maps(
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return _save(fig, path, dpi=90, palette=True)
