@@ -269,7 +269,12 @@ class FcaAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), dropout_p=dropout
             )
-        out = out.transpose(1, 2).reshape(batch, num_tokens, channels)
+        out = out.transpose(1, 2)
+        if torch.compiler.is_compiling():
+            # Graph decompositions of SDPA (ONNX export) return another memory layout than the eager kernel the
+            # graph was traced with; an explicit copy keeps the reshape below from being recorded as a view.
+            out = out.clone(memory_format=torch.contiguous_format)
+        out = out.reshape(batch, num_tokens, channels)
         return self.proj_drop(self.proj(out))
 
 
