@@ -122,6 +122,7 @@ class ShareAccumulator:
             cross_share_min_image=float(cross_per_image.min()),
             cross_share_max_image=float(cross_per_image.max()),
             cross_share_per_head=head_cross.mean(0).tolist(),
+            cross_share_per_image=cross_per_image.tolist(),  # head-averaged, in image order
             # Attention a single cross token gets relative to a single regular token: > 1 means a cross token
             # attracts more than its number alone would give it.
             per_token_ratio=(cross / num_cross) / (regular / self.num_regular) if num_cross and regular else None,
