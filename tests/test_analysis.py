@@ -157,7 +157,7 @@ def test_windowed_statistics_are_per_image():
         alone.append(recorder.accumulators["stages.2.blocks.3"].per_image[0])
     torch.testing.assert_close(together.accumulators["stages.2.blocks.3"].per_image[0], torch.cat(alone))
     per_image = together.summary()["stages.2.blocks.3"]["attention"]["cross_share_per_image"]
-    assert per_image == pytest.approx([float(a.mean(0)[1:].sum()) for a in alone], abs=1e-6)
+    assert per_image == pytest.approx([float(a[0].mean(0)[1:].sum()) for a in alone], abs=1e-6)
     assert not torch.allclose(alone[0], alone[1])  # the images do differ
 
 
