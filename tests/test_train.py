@@ -332,3 +332,12 @@ def test_predict_topk_json_and_errors(trained_folder_run: tuple[Path, Path], tmp
     assert cli_main(["predict", str(bad), "--model", str(out / "model.pt")]) == 2
     assert "bad.jpg" in capsys.readouterr().err
     assert cli_main(["predict", images[0], "--model", "no_such_model_or_file"]) == 2
+
+
+def test_bf16_autocast_and_channels_last_train(tmp_path: Path) -> None:
+    config = load_config("default", tiny_overrides(tmp_path / "run", "run.amp=bf16", "run.channels_last=true",
+                                                   "run.max_steps=2", "optim.clip_grad=1.0"))
+    summary = train(config)
+    assert summary["steps"] == 2 and np.isfinite(summary["val"]["loss"])
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        Trainer(load_config("default", tiny_overrides(tmp_path / "fp16", "run.amp=fp16", "run.device=cpu")))
