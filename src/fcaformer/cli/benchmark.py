@@ -1,0 +1,59 @@
+"""``fcaformer benchmark``: the model zoo and timm peers, interleaved, as markdown, JSON and a PNG chart."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..benchmark import TIMM_PEERS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..models import MODEL_NAMES
+
+    parser = subparsers.add_parser(
+        "benchmark", help="latency / throughput / memory of the zoo (fast path) and timm peers",
+        description="All models in one process, interleaved, warm-up first; medians and p90. On a shared CPU "
+                    "the absolute numbers move with the load (recorded); ratios are the robust part.",
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES, metavar="NAME")
+    parser.add_argument("--peers", nargs="*", default=list(TIMM_PEERS), metavar="TIMM_NAME",
+                        help="timm models to compare with (pretrained=False); none: --peers")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=20, help="batch-1 rounds (default 20)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--throughput-batch", type=int, default=32)
+    parser.add_argument("--throughput-repeats", type=int, default=3, help="0 skips the throughput pass")
+    parser.add_argument("--onnx", nargs="*", default=["fcaformer_l1"], metavar="NAME",
+                        help="FcaFormer models also timed in ONNX Runtime (default fcaformer_l1)")
+    parser.add_argument("--output", "-o", help="write <output>.md, <output>.json and <output>.png")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..benchmark import latency_vs_macs_plot, markdown_table, run_zoo
+    from ..io import atomic_json_dump, atomic_write
+
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    unknown = [n for n in args.onnx if n not in args.models]
+    if unknown:
+        raise SystemExit(f"--onnx models must be among --models; not benchmarked: {unknown}")
+    torch.set_num_threads(args.threads)
+    rows, info = run_zoo(args.models, args.peers, args.img_size, args.repeats, args.warmup,
+                         args.throughput_batch, args.throughput_repeats, args.onnx)
+    machine = info["machine"]
+    caption = (f"{machine['cpu']}, {args.threads} torch threads, fp32, {args.img_size}x{args.img_size}; "
+               f"load average {info['loadavg_before'][0]:.2f} -> {info['loadavg_after'][0]:.2f}")
+    table = markdown_table(rows, baseline="fcaformer_l1 (faithful)" if "fcaformer_l1" in args.models else None)
+    print(table + "\n\n" + caption)
+    if args.output:
+        out = Path(args.output)
+        atomic_write(out.with_suffix(".md"), lambda h: h.write(table + "\n\n" + caption + "\n"), binary=False)
+        atomic_json_dump({"info": info, "rows": [r.to_dict() for r in rows]}, out.with_suffix(".json"))
+        latency_vs_macs_plot(rows, out.with_suffix(".png"), caption)
+        print(f"wrote {out.with_suffix('.md')}, .json and .png")
+    return 0
