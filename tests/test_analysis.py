@@ -362,6 +362,16 @@ def test_cli_rejects_bad_queries(capsys):
     assert "y,x" in capsys.readouterr().err
 
 
+def test_cli_reports_bad_inputs_without_a_traceback(tmp_path, capsys):
+    code = main(["analyze", str(tmp_path / "missing.pt"), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "no images" in capsys.readouterr().err  # images are collected first
+    make_image_folder(tmp_path / "data")
+    code = main(["analyze", str(tmp_path / "missing.pt"), "--images", str(tmp_path / "data"), "--out",
+                 str(tmp_path / "o")])
+    assert code == 2 and "checkpoint not found" in capsys.readouterr().err
+
+
 def test_load_analysis_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_analysis_model(tmp_path / "nope.pt")

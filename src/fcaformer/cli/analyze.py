@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Measure what forward cross attention does: per block and head, the share of attention mass on "
             "regular tokens and on each earlier block's cross tokens; LSF and cross-token-bias statistics "
-            "and how much the LSFs change each block's output; attention maps over the image. Writes JSON, a "
+            "and how much the LSFs change each block's output; outputs with the cross tokens masked out; "
+            "attention maps over the image. Writes JSON, a "
             "markdown summary and PNG figures per model (and a comparison when several models are given)."
         ),
     )
@@ -50,16 +51,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-lsf-effect", action="store_true",
                         help="skip measuring the LSFs' effect (saves about three forward passes)")
     parser.add_argument("--no-ablation", action="store_true",
-                        help="skip the run with cross tokens masked out (saves two forward passes)")
+                        help="skip the runs with cross tokens masked out / attention removed (saves three passes)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    try:
+        return _run(args, console)
+    except (FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
+        console.print(f"[red]fcaformer analyze: error:[/] {error}")
+        return 2
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
     from ..analysis import DEFAULT_QUERIES, analyze, collect_images, load_analysis_model
     from ..analysis.plots import plot_share_by_depth
 
-    console = Console(stderr=True)
     images = collect_images(args.images, args.num_images)
     overrides = {"window_size": tuple(args.window_size)} if args.window_size else {}
     names = [Path(m).stem if Path(m).exists() else m for m in args.models]
