@@ -92,6 +92,9 @@ def run_train(args: argparse.Namespace) -> int:
         resume = None
         if args.resume is not None:
             resume = args.resume or config.run.output
+            ignored = [o.split("=")[0] for o in _overrides(args) if not o.startswith(("run.output=", "run.progress="))]
+            if ignored:
+                print(f"note: resuming uses the run's saved config; ignoring {', '.join(ignored)}", file=sys.stderr)
         summary = train(config, resume=resume)
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
