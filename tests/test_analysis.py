@@ -27,6 +27,7 @@ from fcaformer.analysis import (
     query_cell,
 )
 from fcaformer.analysis.plots import plot_attention_maps, plot_share_heatmap
+from fcaformer.analysis.recorder import window_origin, window_query
 from fcaformer.checkpoint import CheckpointError
 from fcaformer.cli import main
 from fcaformer.io import save_model
@@ -112,9 +113,11 @@ def test_outputs_unchanged_and_every_block_recorded(case):
         assert (att["cross_share"] > 0) == (block["num_sources"] > 0)
     if "windowed" in case:
         assert {b["attention"]["windows_per_image"] for b in summary.values()} == {4}
-        assert not recorder.maps  # maps are drawn for global attention only
+        assert recorder.maps and all(capture.map_grid for capture in recorder.maps)
     else:
-        assert recorder.maps
+        assert recorder.maps and not any(capture.map_grid for capture in recorder.maps)
+    for capture in recorder.maps:
+        torch.testing.assert_close(capture.probs.sum(-1), torch.ones(capture.probs.shape[0]))
 
 
 @torch.no_grad()
@@ -175,6 +178,39 @@ def test_attention_maps_are_probabilities_at_the_right_query():
     assert query_cell((0.5, 0.5), (8, 8)) == (4, 4)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         query_cell((1.5, 0.2), (8, 8))
+
+
+def test_window_geometry_by_hand():
+    # 6x6 map, windows of 4: padded to 8x8, 2x2 windows; even blocks pad top/left by 2, odd blocks bottom/right
+    assert window_query((0.0, 0.0), (6, 6), 4, top_left=True) == (0, (2, 2))
+    assert window_origin(0, (6, 6), 4, top_left=True) == (-2, -2)
+    assert window_query((0.99, 0.0), (6, 6), 4, top_left=True) == (2, (3, 2))
+    assert window_origin(3, (6, 6), 4, top_left=True) == (2, 2)
+    assert window_query((0.99, 0.99), (6, 6), 4, top_left=False) == (3, (1, 1))
+    assert window_origin(3, (6, 6), 4, top_left=False) == (4, 4)
+    # 13x19 map, windows of 14: 1x2 windows, padding 1 on top and 9 on the left; (6, 3) -> padded (7, 12)
+    assert window_query((0.5, 0.2), (13, 19), 14, top_left=True) == (0, (7, 12))
+
+
+@torch.no_grad()
+def test_windowed_maps_equal_global_maps_when_one_window_covers_the_map(tmp_path):
+    """A window as large as the map (no padding) computes what global attention does: same maps, origin 0."""
+    global_model = small_hybrid()
+    windowed = small_hybrid(window_size=(8, 4))
+    windowed.load_state_dict(global_model.state_dict())
+    images = torch.randn(2, 3, 128, 128)
+    captured = []
+    for model in (global_model, windowed):
+        with AttentionRecorder(model, map_images=[1], map_queries=[(0.3, 0.8)]) as recorder:
+            model(images)
+        captured.append(recorder.maps)
+    assert len(captured[0]) == len(captured[1]) == 4
+    for flat, window in zip(*captured, strict=True):
+        assert window.map_grid == flat.grid and window.origin == (0, 0) and window.query == flat.query
+        assert window.source_origins == ((0, 0),) * window.block.num_sources
+        torch.testing.assert_close(window.probs, flat.probs)
+    figure = plot_attention_maps(torch.rand(3, 128, 128), captured[1], tmp_path / "w.png")
+    assert figure.read_bytes()[:8] == PNG_MAGIC
 
 
 # ------------------------------------------------------------------------------------------------- LSF

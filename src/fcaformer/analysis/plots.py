@@ -182,19 +182,31 @@ def plot_attention_maps(
         ch, cw = capture.cross_grid
         sources = cross.reshape(capture.block.num_sources, ch, cw) if capture.block.num_sources else []
         vmax = float(max(regular.max(), max((s.max() for s in sources), default=0)))
-        tok_h, tok_w = height / gh, width / gw
+        map_h, map_w = capture.image_grid
+        tok_h, tok_w = height / map_h, width / map_w
+        top, left = capture.origin
         qr, qc = capture.query
         row[0].imshow(picture)
-        row[0].add_patch(plt.Rectangle((qc * tok_w, qr * tok_h), tok_w, tok_h, fill=False, color="cyan", lw=2))
-        row[0].set_title(f"{capture.block.label} query ({qr},{qc})", fontsize=8)
+        row[0].add_patch(
+            plt.Rectangle(((left + qc) * tok_w, (top + qr) * tok_h), tok_w, tok_h, fill=False, color="cyan", lw=2)
+        )
+        where = f" in window at ({top},{left})" if capture.map_grid else ""
+        row[0].set_title(f"{capture.block.label} query ({qr},{qc}){where}", fontsize=8)
         row[0].set_xticks([])
         row[0].set_yticks([])
-        _overlay(row[1], picture, regular, (0, width, height, 0), vmax)
+        extent = (left * tok_w, (left + gw) * tok_w, (top + gh) * tok_h, top * tok_h)
+        _overlay(row[1], picture, regular, extent, vmax)
         own = f"own tokens {regular.sum() + probs[:prefix].sum():.2f}"
         row[1].set_title(own + (f" (cls {probs[:prefix].sum():.2f})" if prefix else ""), fontsize=8)
-        # Cross token (r, c) is the stride-4 depthwise 7x7 merge centred on grid token (4r, 4c).
-        extent = (-1.5 * tok_w, (4 * cw - 1.5) * tok_w, (4 * ch - 1.5) * tok_h, -1.5 * tok_h)
-        for ax, j, values in zip(row[2:], capture.block.source_blocks, sources, strict=False):
+        origins = capture.source_origins or ((0, 0),) * len(sources)
+        for ax, j, values, (s_top, s_left) in zip(row[2:], capture.block.source_blocks, sources, origins, strict=False):
+            # Cross token (r, c) is the stride-4 depthwise 7x7 merge centred on (window) token (4r, 4c).
+            extent = (
+                (s_left - 1.5) * tok_w,
+                (s_left + 4 * cw - 1.5) * tok_w,
+                (s_top + 4 * ch - 1.5) * tok_h,
+                (s_top - 1.5) * tok_h,
+            )
             _overlay(ax, picture, values, extent, vmax)
             ax.set_title(f"cross from block {j}: {values.sum():.2f}", fontsize=8)
         for ax in row[2 + capture.block.num_sources :]:

@@ -148,13 +148,52 @@ class MapCapture:
 
     image_index: int
     block: BlockInfo
-    grid: Grid
+    grid: Grid  # the block's attention grid (the window in windowed mode)
     query: Grid  # (row, col) on the block's grid
     probs: torch.Tensor  # (heads, N + M), keys: prefix, grid row-major, then cross tokens oldest source first
+    map_grid: Grid | None = None  # the whole token map, when ``grid`` is a window of it
+    origin: Grid = (0, 0)  # map position of the window's top-left token (negative inside the padding)
+    # the same for each source block's window: its cross tokens were merged from that block's own windows,
+    # padded on its own side
+    source_origins: tuple[Grid, ...] = ()
+
+    @property
+    def image_grid(self) -> Grid:
+        """The token grid covering the image (the whole map)."""
+        return self.map_grid or self.grid
 
     @property
     def cross_grid(self) -> Grid:
         return cross_grid_size(self.grid)
+
+
+def _padding(map_grid: Grid, window: int, top_left: bool) -> tuple[int, int, int]:
+    """Windows per row, and the padding on the top and on the left, of one block's windowed layout."""
+    height, width = map_grid
+    rows, cols = math.ceil(height / window), math.ceil(width / window)
+    top, left = (rows * window - height, cols * window - width) if top_left else (0, 0)
+    return cols, top, left
+
+
+def window_origin(index: int, map_grid: Grid, window: int, top_left: bool) -> Grid:
+    """Top-left position, on the unpadded map, of window ``index`` of a block (negative inside the padding)."""
+    cols, top, left = _padding(map_grid, window, top_left)
+    return (index // cols) * window - top, (index % cols) * window - left
+
+
+def window_query(position: tuple[float, float], map_grid: Grid, window: int, top_left: bool) -> tuple[int, Grid]:
+    """Where a relative image position falls in the windowed layout of one block (SPEC section 3).
+
+    The map is zero padded up to multiples of ``window`` on the top/left (``top_left``: even blocks) or on the
+    bottom/right, then split into windows, row-major.
+
+    Returns:
+        the window's index and the query's cell inside it.
+    """
+    cols, top, left = _padding(map_grid, window, top_left)
+    row, col = query_cell(position, map_grid)
+    padded_row, padded_col = row + top, col + left
+    return (padded_row // window) * cols + padded_col // window, (padded_row % window, padded_col % window)
 
 
 def query_cell(position: tuple[float, float], grid: Grid) -> Grid:
@@ -175,7 +214,7 @@ class AttentionRecorder:
         map_queries: relative query positions ``(y, x)`` in ``[0, 1]`` for those maps.
         map_blocks: block names whose maps to keep (default: every block with cross tokens).
 
-    Maps are kept only for global (non-windowed) blocks. Use as::
+    In windowed mode a map shows the window the query falls in. Use as::
 
         with AttentionRecorder(model) as recorder:
             model(images)
@@ -207,11 +246,16 @@ class AttentionRecorder:
         self._batch_offset = 0
         self._grids: dict[str, Grid] = {}
         self._values: dict[str, torch.Tensor] = {}
+        self._map_sizes: dict[str, Grid] = {}
         self._handles: list[Any] = []
 
     # ------------------------------------------------------------------------------------------- hooks
     def __enter__(self) -> AttentionRecorder:
         self._handles.append(self.model.register_forward_pre_hook(self._on_model))
+        modules = dict(self.model.named_modules())
+        for stage_name in sorted({info.stage for info, _ in self.blocks if info.windowed}):
+            # the windowed stage's map size (after its downsample) places the windows on the image
+            self._handles.append(modules[stage_name].downsample.register_forward_hook(self._map_size_hook(stage_name)))
         for info, block in self.blocks:
             self._handles.append(block.register_forward_pre_hook(self._grid_hook(info), with_kwargs=True))
             self._handles.append(block.attn.attn_probe.register_forward_hook(self._probe_hook(info)))
@@ -231,6 +275,12 @@ class AttentionRecorder:
         self._batch = images.shape[0]
         self._batch_offset = self.images_seen
         self.images_seen += self._batch
+
+    def _map_size_hook(self, stage_name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._map_sizes[stage_name] = (int(output.shape[-2]), int(output.shape[-1]))
+
+        return hook
 
     def _grid_hook(self, info: BlockInfo):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -290,20 +340,31 @@ class AttentionRecorder:
         self._capture_maps(info, grid, probs, windows)
 
     def _capture_maps(self, info: BlockInfo, grid: Grid, probs: torch.Tensor, windows: int) -> None:
-        if info.windowed or windows != 1 or not self.map_queries:
+        if not self.map_queries:
             return
         if self.map_blocks is not None and info.name not in self.map_blocks:
             return
         if self.map_blocks is None and not info.num_sources:
+            return
+        map_grid = self._map_sizes.get(info.stage) if info.windowed else None
+        if info.windowed and map_grid is None:
             return
         for local in range(self._batch):
             image_index = self._batch_offset + local
             if image_index not in self.map_images:
                 continue
             for position in self.map_queries:
-                row, col = query_cell(position, grid)
+                if map_grid is None:
+                    item, (row, col), origin = local, query_cell(position, grid), (0, 0)
+                    sources: tuple[Grid, ...] = ((0, 0),) * info.num_sources
+                else:
+                    window, (row, col) = window_query(position, map_grid, grid[0], info.index % 2 == 0)
+                    item = local * windows + window
+                    origin = window_origin(window, map_grid, grid[0], info.index % 2 == 0)
+                    sources = tuple(window_origin(window, map_grid, grid[0], j % 2 == 0) for j in info.source_blocks)
                 query = info.num_prefix_tokens + row * grid[1] + col
-                self.maps.append(MapCapture(image_index, info, grid, (row, col), probs[local, :, query].float().cpu()))
+                probs_row = probs[item, :, query].float().cpu()
+                self.maps.append(MapCapture(image_index, info, grid, (row, col), probs_row, map_grid, origin, sources))
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per block (by name): its layout and attention shares (:meth:`ShareAccumulator.summary`)."""
