@@ -87,17 +87,26 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
                      f"{row['macs'] / 1e6:.1f} M | {row['epoch_time_s']:.0f} |")
     atomic_write(out / "results.md", lambda h: h.write("\n".join(lines) + "\n"), binary=False)
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
     for i, (name, row) in enumerate(table.items()):
-        ax.bar(i, row["top1_mean"], yerr=row["top1_std"], capsize=6, alpha=0.6, label=name)
+        ax.bar(i, row["top1_mean"], yerr=row["top1_std"], capsize=6, alpha=0.6, color=f"C{i}")
         ax.scatter([i] * len(row["top1"]), row["top1"], color="black", zorder=3, s=14)
+        for seed in row["seeds"]:  # training-loss curves from the copied per-run metrics
+            path = out / "runs" / f"{name}-s{seed}.metrics.jsonl"
+            if path.exists():
+                history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], color=f"C{i}",
+                             alpha=0.7, label=name if seed == row["seeds"][0] else None)
     ax.set_xticks(range(len(table)), list(table))
     low = min(min(r["top1"]) for r in table.values())
     high = max(max(r["top1"]) for r in table.values())
     ax.set_ylim(max(0, low - 5), min(100, high + 3))
     ax.set_ylabel("Imagenette val top-1 (%)")
-    ax.set_title("Cross attention on/off and LSF placement (mean ± std, dots = seeds)")
+    ax.set_title("val top-1: mean ± std over seeds (dots = seeds)")
     ax.grid(axis="y", alpha=0.3)
+    ax_loss.set(xlabel="epoch", ylabel="train loss (label-smoothed CE)", title="training loss, every seed")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
     atomic_write(figure, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 

@@ -161,8 +161,11 @@ def test_cifar_on_disk_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 # ------------------------------------------------------------------------------------------------ engine
 def test_train_writes_a_complete_run_folder(tmp_path: Path) -> None:
-    config = load_config("default", tiny_overrides(tmp_path / "run", "run.epochs=2", "optim.ema=true",
-                                                   "optim.ema_decay=0.5"))
+    # the ImageNet recipe's augmentation and regularisation, scaled down: RandAugment, Mixup/CutMix, random
+    # erasing, EMA; and TensorBoard logging
+    config = load_config("default", tiny_overrides(
+        tmp_path / "run", "run.epochs=2", "optim.ema=true", "optim.ema_decay=0.5", "aug.mixup=0.8",
+        "aug.cutmix=1.0", "aug.auto_augment=rand-m9-mstd0.5-inc1", "aug.re_prob=0.25", "run.tensorboard=true"))
     summary = train(config)
     out = tmp_path / "run"
     for name in ("config.yaml", "model.pt", "metrics.jsonl", "curves.png", "results.json", "confusion.png"):
@@ -184,6 +187,7 @@ def test_train_writes_a_complete_run_folder(tmp_path: Path) -> None:
         top1 = 100 * (model(x).argmax(1) == y).float().mean().item()
     assert top1 == pytest.approx(summary["val"]["top1"], abs=1e-4)
     assert len(list_states(out / "checkpoints")) == 2  # keep_ckpts
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
