@@ -280,7 +280,7 @@ def test_masking_cross_tokens_equals_the_network_without_them():
     plain = FcaFormer(**{**SMALL, "ls_init_value": 1.0, "cross_attention": False}).eval()
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     assert not missing and unexpected  # the cross-token parameters only exist in the full model
-    images = torch.randn(2, 3, 128, 128)
+    images = torch.randn(2, 3, 64, 64)  # a grid of 4x4 at the native 8x8: resized biases, same identity
     intact = model(images)
     biases = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("cross_bias")}
     with cross_tokens_masked(model) as count, AttentionRecorder(model) as recorder:
@@ -335,7 +335,8 @@ def test_collect_images_samples_classes_round_robin(tmp_path):
 def test_analyze_api_writes_json_markdown_and_figures(tmp_path):
     root = make_image_folder(tmp_path / "data")
     model = small_hybrid(num_classes=2)
-    result = analyze(model, collect_images([root]), img_size=64, batch_size=3, map_images=[1], progress=False)
+    result = analyze(model, collect_images([root]), img_size=64, batch_size=3, map_images=[1],
+                     map_queries=[(0.5, 0.5)], progress=False)
     assert result.images["count"] == 4
     assert result.accuracy is not None and result.accuracy["images"] == 4
     assert len(result.cross_blocks()) == 4
