@@ -175,6 +175,11 @@ def test_attention_maps_are_probabilities_at_the_right_query():
     capture = next(c for c in recorder.maps if c.block.name == "stages.2.blocks.1")
     assert capture.query == (0, 7) and capture.grid == (8, 8)
     torch.testing.assert_close(capture.probs.sum(-1), torch.ones(2))
+    with AttentionRecorder(model, map_images=[0], map_queries=[(0.5, 0.5)], map_blocks=["stages.3.blocks.0"]) as rec:
+        model(images[:1])
+    assert [c.block.name for c in rec.maps] == ["stages.3.blocks.0"]  # asked for: drawn even without cross tokens
+    with pytest.raises(ValueError, match="unknown blocks"):
+        AttentionRecorder(model, map_blocks=["stages.9.blocks.0"])
     assert query_cell((0.5, 0.5), (8, 8)) == (4, 4)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         query_cell((1.5, 0.2), (8, 8))

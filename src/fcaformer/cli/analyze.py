@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="relative query positions of the attention maps (default 0.5,0.5 0.2,0.2)")
     parser.add_argument("--map-images", type=int, nargs="*", default=[0, 1], metavar="I",
                         help="indices of the images whose attention maps are drawn (default 0 1)")
+    parser.add_argument("--map-blocks", nargs="+", default=None, metavar="BLOCK",
+                        help="blocks to draw maps for, e.g. stages.2.blocks.3 (default: every block with cross tokens)")
     parser.add_argument("--fast", action="store_true",
                         help="analyse the fused fast-inference form (fcaformer.fast.fuse_model) of each model")
     parser.add_argument("--no-lsf-effect", action="store_true",
@@ -91,6 +93,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             batch_size=args.batch_size,
             map_images=[i for i in args.map_images if i < len(images)],
             map_queries=args.queries or DEFAULT_QUERIES,
+            map_blocks=args.map_blocks,
             measure_lsf=not args.no_lsf_effect,
             measure_ablation=not args.no_ablation,
         )
