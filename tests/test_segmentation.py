@@ -154,10 +154,10 @@ def _config(tmp_path, iterations: int, **kwargs) -> SegmentTrainConfig:
 
 
 def test_upernet_trains_on_voc_mini_with_falling_loss_resumes_and_evaluates(tmp_path) -> None:
-    first = train_segmentor(_config(tmp_path, 3), show_progress=False)
-    assert read_task_checkpoint(tmp_path / "run" / "last.pt", "segmentation")["iteration"] == 3
-    resumed = train_segmentor(_config(tmp_path, 6, resume=True), show_progress=False)
-    assert len(first["losses"]) == 3 and len(resumed["losses"]) == 3
+    first = train_segmentor(_config(tmp_path, 2), show_progress=False)
+    assert read_task_checkpoint(tmp_path / "run" / "last.pt", "segmentation")["iteration"] == 2
+    resumed = train_segmentor(_config(tmp_path, 5, resume=True), show_progress=False)
+    assert len(first["losses"]) == 2 and len(resumed["losses"]) == 3
     losses = first["losses"] + resumed["losses"]
     assert max(losses[-2:]) < min(losses[:2])
 
@@ -236,6 +236,7 @@ def test_upernet_overfits_voc_mini(tmp_path) -> None:
     result = train_segmentor(config, show_progress=False)
     print("overfit metrics", {k: v for k, v in result["metrics"].items() if k != "per_class_iou"},
           "loss", result["losses"][0], "->", result["losses"][-1])
+    # measured (2-core CPU): mIoU 0.42, pixel accuracy 0.82; loss 5.89 -> 0.23
     assert result["metrics"]["mIoU"] > 0.3 and result["metrics"]["pixel_acc"] > 0.75
     assert not math.isnan(result["losses"][-1])
 
