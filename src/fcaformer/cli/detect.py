@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from typing import Any
 
 from ._dense_args import add_common_train_args, json_dict, print_metrics
@@ -64,6 +65,8 @@ def run_train(args: argparse.Namespace) -> int:
         val_ann_file=args.val_ann,
     )
     result = train_detector(config)
+    if int(os.environ.get("RANK", "0")):  # under torchrun only rank 0 reports
+        return 0
     losses = result["losses"]
     if losses:
         print(f"trained {len(losses)} iterations: loss {losses[0]:.4f} -> {losses[-1]:.4f}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from ._dense_args import add_common_train_args, print_metrics
 
@@ -97,6 +98,8 @@ def run_train(args: argparse.Namespace) -> int:
         val_img_dir=args.val_img_dir, val_ann_dir=args.val_ann_dir, val_mode=args.val_mode,
     )
     result = train_segmentor(config)
+    if int(os.environ.get("RANK", "0")):  # under torchrun only rank 0 reports
+        return 0
     losses = result["losses"]
     if losses:
         print(f"trained {len(losses)} iterations: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
