@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"error: training diverged: {error}", file=sys.stderr)
         return 3
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     val = summary["val"]
     print(f"done: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%, val loss {val['loss']:.4f} "
           f"({summary['val_images']} val images); {summary['skipped_files']} unreadable files skipped; "
