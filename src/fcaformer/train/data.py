@@ -161,7 +161,7 @@ def scan_image_folder(root: str | Path, verify: bool = True, classes: Sequence[s
     if not classes:
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<images>)")
     samples, skipped = [], []
-    for label, name in enumerate(classes):
+    for label, name in enumerate(tqdm(classes, desc=f"scanning {root}", mininterval=2, leave=False)):
         folder = root / name
         if not folder.is_dir():
             raise DataError(f"class folder {folder} is missing (the train split has class {name!r})")
