@@ -12,7 +12,7 @@ import timm
 import torch
 
 import fcaformer
-from fcaformer.checkpoint import CheckpointError, load_state_dict_strict
+from fcaformer.checkpoint import CheckpointError, load_state_dict_strict, resize_grid_parameters
 from fcaformer.cli import main
 from fcaformer.io import atomic_torch_save, load_model, save_model
 from fcaformer.profile import REFERENCE
@@ -105,3 +105,45 @@ def test_profile_cli_every_variant_within_one_percent(capsys: pytest.CaptureFixt
 def test_python_dash_m_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "fcaformer", "--help"], capture_output=True, text=True, check=True)
     assert "profile" in result.stdout
+
+
+def test_weights_load_into_other_training_sizes_and_windows() -> None:
+    """Grid-sized parameters resized at load time compute exactly what run-time resizing computes."""
+    small = dict(dims=(16, 32, 64, 96), depths=(1, 1, 3, 2), num_heads=(2, 3), num_classes=5)
+    source = timm.create_model("fcaformer_l1", img_size=64, **small).eval()
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if name.endswith(("rel_pos_table", "cross_bias")):
+                param.normal_()
+            elif name.endswith("cross_scale"):
+                param.uniform_(0.5, 1.5)
+    target = timm.create_model("fcaformer_l1", img_size=128, **small).eval()
+    load_state_dict_strict(target, resize_grid_parameters(source.state_dict(), target))
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    windowed = timm.create_model("fcaformer_l1", img_size=64, window_size=(14, 7), **small).eval()
+    load_state_dict_strict(windowed, resize_grid_parameters(source.state_dict(), windowed))
+    assert windowed.stages[2].blocks[1].attn.rel_pos_table.shape == (2, 14 * 14)
+
+    plain = dict(embed_dim=48, depth=3, num_heads=2)
+    source = timm.create_model("fcaformer_l0", img_size=64, **plain).eval()
+    target = timm.create_model("fcaformer_l0", img_size=96, **plain).eval()
+    load_state_dict_strict(target, resize_grid_parameters(source.state_dict(), target))
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+
+
+def test_release_checkpoint_at_another_img_size() -> None:
+    path = shared_path("parity", "official_fcaformer_l1_cls.pt")
+    reference = fcaformer.load_official(path)
+    at_288 = fcaformer.load_official(path, img_size=288)
+    via_timm = timm.create_model("fcaformer_l1", pretrained=True, img_size=288,
+                                 pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert at_288.stages[2].blocks[0].attn.rel_pos_table.shape == (6, 18 * 18)
+    x = torch.randn(1, 3, 288, 288)
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.allclose(at_288(x), expected, atol=1e-5)
+        assert torch.allclose(via_timm(x), expected, atol=1e-5)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layers import FcaBlock, resize_grid_values
 from .models.hybrid import FcaFormer, FcaFormerDense
 
 StateDict = dict[str, torch.Tensor]
@@ -88,12 +89,62 @@ def convert_release_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateD
     return {_rename(k): v for k, v in state_dict.items() if not k.endswith("attention_bias_idxs")}
 
 
+def _square_side(num_tokens: int, key: str) -> int:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise CheckpointError(f"{key}: cannot resize a grid of {num_tokens} tokens (not square) to the model's grid")
+    return side
+
+
+def resize_grid_parameters(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
+    """Resize grid-sized parameters stored for another (square) grid to the model's native grids.
+
+    Weights trained at one resolution (or in global mode) then load into a model built for another
+    ``img_size`` or ``window_size``: relative-position tables, cross-token biases and LSFs are resized exactly as
+    the forward pass resizes them at run time (:func:`~fcaformer.layers.resize_grid_values`), and L0's position
+    embedding with timm's ``resample_abs_pos_embed``. Keys that already fit, or that differ in something other
+    than the grid (heads, number of source blocks), are left as they are for the strict loader to report.
+    """
+    expected = model.state_dict()
+    resized = dict(state_dict)
+
+    def mismatched(key: str) -> bool:
+        return key in resized and key in expected and resized[key].shape != expected[key].shape
+
+    for name, block in model.named_modules():
+        if not isinstance(block, FcaBlock):
+            continue
+        prefix = f"{name}." if name else ""
+        key = f"{prefix}attn.rel_pos_table"
+        if mismatched(key) and resized[key].shape[0] == expected[key].shape[0]:
+            side = _square_side(resized[key].shape[-1], key)
+            resized[key] = resize_grid_values(resized[key], (side, side), block.grid_size)
+        sources = block.num_sources
+        for key, dim in ((f"{prefix}attn.cross_bias", -1), (f"{prefix}cross_scale", 1)):
+            if not sources or not mismatched(key) or resized[key].shape[dim] % sources:
+                continue
+            value = resized[key]
+            side = _square_side(value.shape[dim] // sources, key)
+            per_source = value.reshape(value.shape[1], sources, -1) if dim == -1 else value.reshape(sources, -1)
+            grid = resize_grid_values(per_source, (side, side), block.cross_grid)
+            resized[key] = grid.reshape(expected[key].shape) if grid.numel() == expected[key].numel() else value
+    if mismatched("pos_embed") and hasattr(model, "grid_size"):
+        from timm.layers import resample_abs_pos_embed
+
+        side = _square_side(resized["pos_embed"].shape[1] - 1, "pos_embed")
+        resized["pos_embed"] = resample_abs_pos_embed(
+            resized["pos_embed"], tuple(model.grid_size), (side, side), num_prefix_tokens=1
+        )
+    return resized
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> StateDict:
-    """timm ``pretrained_filter_fn``: accepts release or project checkpoints, wrapped or bare."""
+    """timm ``pretrained_filter_fn``: accepts release or project checkpoints, wrapped or bare, and resizes
+    grid-sized parameters to the model's ``img_size`` / ``window_size``."""
     state_dict = unwrap_state_dict(state_dict)
     if is_release_layout(state_dict):
         state_dict = convert_release_state_dict(state_dict)
-    return state_dict
+    return resize_grid_parameters(state_dict, model)
 
 
 def infer_release_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -200,8 +251,9 @@ def load_official(
         checkpoint: a path, or an already loaded checkpoint (bare state_dict or wrapped in ``model``,
             ``model_ema`` or ``state_dict``; mmdet/mmseg ``backbone.`` prefixes are stripped).
         use_ema: take ``model_ema`` when the checkpoint has it.
-        overrides: constructor arguments to change (e.g. ``drop_path_rate`` for fine-tuning); the architecture
-            itself is inferred from the tensors.
+        overrides: constructor arguments to change (e.g. ``drop_path_rate`` for fine-tuning, or ``img_size`` /
+            ``window_size``: grid-sized parameters are then resized); the architecture is inferred from the
+            tensors.
 
     Returns:
         an :class:`~fcaformer.models.FcaFormer` computing the release's logits, or, for a windowed dense
@@ -217,5 +269,5 @@ def load_official(
     windowed = config.pop("windowed")
     config.update(overrides)
     model = FcaFormerDense(**config) if windowed else FcaFormer(**config)
-    load_state_dict_strict(model, convert_release_state_dict(state_dict))
+    load_state_dict_strict(model, resize_grid_parameters(convert_release_state_dict(state_dict), model))
     return model.eval()

@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint
+from .checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, resize_grid_parameters
 
 PROJECT_FORMAT = "fcaformer-checkpoint-v1"
 
@@ -77,7 +77,8 @@ def save_model(
 def load_model(checkpoint: str | os.PathLike | dict[str, Any], **overrides: Any) -> tuple[nn.Module, dict]:
     """Rebuild and load a model saved with :func:`save_model`; returns ``(model in eval mode, checkpoint)``.
 
-    ``overrides`` change constructor arguments (not the architecture). Loading is all-or-nothing.
+    ``overrides`` change constructor arguments, not the architecture (``img_size`` or ``window_size`` resize the
+    grid-sized parameters). Loading is all-or-nothing.
     """
     raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if not isinstance(raw, dict) or raw.get("format") != PROJECT_FORMAT:
@@ -88,5 +89,5 @@ def load_model(checkpoint: str | os.PathLike | dict[str, Any], **overrides: Any)
     import fcaformer  # noqa: F401  (registers the models)
 
     model = timm.create_model(raw["model_name"], **{**raw["model_kwargs"], **overrides})
-    load_state_dict_strict(model, raw["state_dict"])
+    load_state_dict_strict(model, resize_grid_parameters(raw["state_dict"], model))
     return model.eval(), raw
