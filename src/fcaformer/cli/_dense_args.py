@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from ..io import atomic_json_dump
 
 
 def json_dict(text: str) -> dict[str, Any]:
@@ -46,6 +50,31 @@ def add_common_train_args(parser: argparse.ArgumentParser, batch_size: int) -> N
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
 
 
+def common_train_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields (as ``DetectTrainConfig`` / ``SegmentTrainConfig`` name them) from the options of
+    :func:`add_common_train_args`."""
+    return dict(
+        out_dir=args.out, variant=args.model, backbone_kwargs=args.backbone_kwargs,
+        backbone_weights=args.backbone_weights, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, layer_decay=args.layer_decay, warmup_iters=args.warmup_iters,
+        clip_grad=args.clip_grad, checkpoint_every=args.checkpoint_every, resume=args.resume, workers=args.workers,
+        seed=args.seed, device=args.device,
+    )
+
+
+def report_training(result: Mapping[str, Any]) -> int:
+    """Print the loss trend, validation metrics and checkpoint of a training run; the exit status (0)."""
+    if int(os.environ.get("RANK", "0")):  # under torchrun only rank 0 reports
+        return 0
+    losses = result["losses"]
+    if losses:
+        print(f"trained {len(losses)} iterations: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    if result.get("metrics"):
+        print_metrics("validation", result["metrics"])
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
 def print_metrics(title: str, metrics: Mapping[str, Any]) -> None:
     """Scalar metrics as a rich table (lists such as per-class IoU are left out)."""
     table = Table(title=title)
@@ -55,3 +84,17 @@ def print_metrics(title: str, metrics: Mapping[str, Any]) -> None:
         if isinstance(value, (int, float)):
             table.add_row(name, f"{value:.4f}")
     Console().print(table)
+
+
+def report_metrics(title: str, metrics: Mapping[str, Any], json_out: str | None) -> int:
+    """Print ``metrics`` (and write them to ``json_out`` when given); the exit status (0) of an ``eval`` action."""
+    print_metrics(title, metrics)
+    if json_out:
+        atomic_json_dump(metrics, json_out)
+    return 0
+
+
+def report_written(paths: Iterable[Path]) -> int:
+    """Print the files a ``predict`` action wrote as a JSON list (for scripts); the exit status (0)."""
+    print(json.dumps([str(p) for p in paths]))
+    return 0

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from typing import Any
 
-from ._dense_args import add_common_train_args, json_dict, print_metrics
+from ._dense_args import (
+    add_common_train_args,
+    common_train_config,
+    json_dict,
+    report_metrics,
+    report_training,
+    report_written,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,39 +60,21 @@ def run_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = DetectTrainConfig(
-        data_root=args.data_root, ann_file=args.ann, out_dir=args.out, arch=args.arch, variant=args.model,
-        backbone_mode=args.backbone_mode, backbone_kwargs=args.backbone_kwargs,
-        backbone_weights=args.backbone_weights, detector_kwargs=args.detector_kwargs,
-        min_size=tuple(args.min_size), max_size=args.max_size, iterations=args.iterations,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
-        warmup_iters=args.warmup_iters, clip_grad=args.clip_grad, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, workers=args.workers, seed=args.seed, device=args.device, val_root=args.val_root,
-        val_ann_file=args.val_ann,
+        data_root=args.data_root, ann_file=args.ann, arch=args.arch, backbone_mode=args.backbone_mode,
+        detector_kwargs=args.detector_kwargs, min_size=tuple(args.min_size), max_size=args.max_size,
+        val_root=args.val_root, val_ann_file=args.val_ann, **common_train_config(args),
     )
-    result = train_detector(config)
-    if int(os.environ.get("RANK", "0")):  # under torchrun only rank 0 reports
-        return 0
-    losses = result["losses"]
-    if losses:
-        print(f"trained {len(losses)} iterations: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    if result.get("metrics"):
-        print_metrics("validation", result["metrics"])
-    print(f"checkpoint: {result['checkpoint']}")
-    return 0
+    return report_training(train_detector(config))
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..detection.data import CocoDetection
     from ..detection.engine import evaluate_detector, load_detector
-    from ..io import atomic_json_dump
 
     model, raw = load_detector(args.checkpoint, args.device)
     dataset = CocoDetection(args.data_root, args.ann, masks=raw["builder"]["arch"] == "mask_rcnn")
     metrics: dict[str, Any] = evaluate_detector(model, dataset, args.batch_size)
-    print_metrics(f"COCO AP on {len(dataset)} images", metrics)
-    if args.json_out:
-        atomic_json_dump(metrics, args.json_out)
-    return 0
+    return report_metrics(f"COCO AP on {len(dataset)} images", metrics, args.json_out)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -96,5 +83,4 @@ def run_predict(args: argparse.Namespace) -> int:
     model, raw = load_detector(args.checkpoint, args.device)
     written = predict_files(model, args.images, args.out, raw["class_names"], raw.get("label_to_cat"),
                             args.score_threshold)
-    print(json.dumps([str(p) for p in written]))
-    return 0
+    return report_written(written)

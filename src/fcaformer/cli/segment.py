@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 
-from ._dense_args import add_common_train_args, print_metrics
+from ._dense_args import add_common_train_args, common_train_config, report_metrics, report_training, report_written
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -86,31 +84,17 @@ def run_train(args: argparse.Namespace) -> int:
         with open(args.class_names) as handle:
             class_names = [line.strip() for line in handle if line.strip()]
     config = SegmentTrainConfig(
-        img_dir=args.img_dir, ann_dir=args.ann_dir, out_dir=args.out, num_classes=args.num_classes,
-        variant=args.model, backbone_mode=args.backbone_mode, backbone_kwargs=args.backbone_kwargs,
-        backbone_weights=args.backbone_weights, decoder_channels=args.decoder_channels,
-        decoder_norm=args.decoder_norm, reduce_zero_label=args.reduce_zero_label,
-        crop_size=tuple(args.crop_size), base_size=args.base_size,
-        scale_range=None if args.single_scale else tuple(args.scale_range), iterations=args.iterations,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
-        warmup_iters=args.warmup_iters, clip_grad=args.clip_grad, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, workers=args.workers, seed=args.seed, device=args.device, class_names=class_names,
+        img_dir=args.img_dir, ann_dir=args.ann_dir, num_classes=args.num_classes, backbone_mode=args.backbone_mode,
+        decoder_channels=args.decoder_channels, decoder_norm=args.decoder_norm,
+        reduce_zero_label=args.reduce_zero_label, crop_size=tuple(args.crop_size), base_size=args.base_size,
+        scale_range=None if args.single_scale else tuple(args.scale_range), class_names=class_names,
         val_img_dir=args.val_img_dir, val_ann_dir=args.val_ann_dir, val_mode=args.val_mode,
+        **common_train_config(args),
     )
-    result = train_segmentor(config)
-    if int(os.environ.get("RANK", "0")):  # under torchrun only rank 0 reports
-        return 0
-    losses = result["losses"]
-    if losses:
-        print(f"trained {len(losses)} iterations: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    if result.get("metrics"):
-        print_metrics("validation", result["metrics"])
-    print(f"checkpoint: {result['checkpoint']}")
-    return 0
+    return report_training(train_segmentor(config))
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..io import atomic_json_dump
     from ..segmentation.data import SegmentationFolder
     from ..segmentation.engine import evaluate_segmentor, load_segmentor
 
@@ -118,10 +102,7 @@ def run_eval(args: argparse.Namespace) -> int:
     dataset = SegmentationFolder(args.img_dir, args.ann_dir, raw["builder"]["num_classes"],
                                  reduce_zero_label=bool(raw.get("reduce_zero_label")))
     metrics = evaluate_segmentor(model, dataset, args.mode, args.crop_size, test_size=_test_size(args, raw))
-    print_metrics(f"segmentation on {len(dataset)} images ({args.mode})", metrics)
-    if args.json_out:
-        atomic_json_dump(metrics, args.json_out)
-    return 0
+    return report_metrics(f"segmentation on {len(dataset)} images ({args.mode})", metrics, args.json_out)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -130,5 +111,4 @@ def run_predict(args: argparse.Namespace) -> int:
     model, raw = load_segmentor(args.checkpoint, args.device)
     written = predict_files(model, args.images, args.out, raw["builder"]["num_classes"], args.mode,
                             args.crop_size, args.alpha, test_size=_test_size(args, raw))
-    print(json.dumps([str(p) for p in written]))
-    return 0
+    return report_written(written)

@@ -7,7 +7,7 @@ import io
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,7 @@ from tqdm import tqdm
 from ..io import atomic_json_dump, atomic_write
 from .data import CocoDetection, collate
 from .model import build_detector
-from .training import (
-    build_optimizer,
-    cleanup_distributed,
-    make_loader,
-    read_task_checkpoint,
-    resume_state,
-    save_task_checkpoint,
-    setup_distributed,
-    train_iterations,
-    warmup_poly_schedule,
-    wrap_ddp,
-)
+from .training import load_task_model, train_dense_task
 
 log = logging.getLogger(__name__)
 TASK = "detection"
@@ -97,57 +86,28 @@ def train_detector(config: DetectTrainConfig, show_progress: bool = True) -> dic
     Returns ``{"losses": [...], "metrics": {...} (when a validation set is given), "checkpoint": path}``.
     Under torchrun each rank trains on its shard (DDP, gloo on CPU); rank 0 writes files and evaluates.
     """
-    info = setup_distributed(config.device)
-    torch.manual_seed(config.seed + info.rank)
-    out_dir = Path(config.out_dir)
-    try:
-        dataset = CocoDetection(config.data_root, config.ann_file, masks=config.arch == "mask_rcnn", train=True)
-        builder = builder_kwargs(config, len(dataset.class_names))
-        model = build_detector(**builder, backbone_weights=config.backbone_weights).to(info.device)
-        trunk = model.backbone.body.trunk
-        optimizer = build_optimizer(model, trunk, config.lr, config.weight_decay, config.layer_decay)
-        scheduler = warmup_poly_schedule(optimizer, config.iterations, config.warmup_iters)
-        model = wrap_ddp(model, info)
-        start = 0
-        last = out_dir / "last.pt"
-        if config.resume and last.exists():
-            start = resume_state(last, model, optimizer, scheduler, TASK)
-        elif config.resume:
-            log.warning("--resume: %s does not exist yet; starting from scratch", last)
-        meta = dict(class_names=dataset.class_names, label_to_cat=dataset.label_to_cat, config=asdict(config))
+    masks = config.arch == "mask_rcnn"
 
-        def checkpoint(done: int) -> None:
-            if info.is_main:
-                save_task_checkpoint(last, model, TASK, builder, optimizer=optimizer.state_dict(),
-                                     scheduler=scheduler.state_dict(), iteration=done, **meta)
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        val = CocoDetection(config.val_root or config.data_root, config.val_ann_file, masks=masks)
+        return evaluate_detector(model, val, show_progress=show_progress)
 
-        loader = make_loader(dataset, config.batch_size, info, config.workers, collate, shuffle=True,
-                             seed=config.seed)
-        losses = train_iterations(model, loader, detection_loss, optimizer, scheduler,
-                                  iterations=config.iterations, start_iteration=start, checkpoint=checkpoint,
-                                  checkpoint_every=config.checkpoint_every, clip_grad=config.clip_grad,
-                                  show_progress=show_progress and info.is_main)
-        result: dict[str, Any] = {"losses": losses, "checkpoint": str(out_dir / "model.pt")}
-        if info.is_main:
-            core = model.module if hasattr(model, "module") else model
-            if config.val_ann_file:
-                val = CocoDetection(config.val_root or config.data_root, config.val_ann_file,
-                                    masks=config.arch == "mask_rcnn")
-                result["metrics"] = evaluate_detector(core, val, show_progress=show_progress)
-            save_task_checkpoint(out_dir / "model.pt", core, TASK, builder, iteration=config.iterations,
-                                 metrics=result.get("metrics"), **meta)
-            atomic_json_dump({"losses": losses, "metrics": result.get("metrics")}, out_dir / "train_log.json")
-        return result
-    finally:
-        cleanup_distributed()
+    return train_dense_task(
+        config, TASK,
+        make_dataset=lambda: CocoDetection(config.data_root, config.ann_file, masks=masks, train=True),
+        builder_for=lambda dataset: builder_kwargs(config, len(dataset.class_names)),
+        build_model=build_detector,
+        trunk_of=lambda model: model.backbone.body.trunk,
+        meta_for=lambda dataset: dict(class_names=dataset.class_names, label_to_cat=dataset.label_to_cat),
+        loss_fn=detection_loss, collate_fn=collate,
+        evaluate=evaluate if config.val_ann_file else None,
+        show_progress=show_progress,
+    )
 
 
 def load_detector(path: str | os.PathLike | Mapping[str, Any], device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a detector from a checkpoint of :func:`train_detector`; returns ``(model in eval mode, raw)``."""
-    raw = read_task_checkpoint(path, TASK)
-    model = build_detector(**raw["builder"])
-    model.load_state_dict(raw["state_dict"])
-    return model.to(device).eval(), raw
+    return load_task_model(path, TASK, build_detector, device)
 
 
 def _encode_mask(mask: np.ndarray) -> dict[str, Any]:

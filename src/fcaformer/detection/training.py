@@ -1,15 +1,16 @@
 """Training machinery shared by detection and segmentation: distributed setup, layer-wise lr decay, an
-iteration-based loop with crash-safe checkpoints and resume, and the task checkpoint format."""
+iteration-based loop with crash-safe checkpoints and resume, the task checkpoint format and the train / load
+drivers both tasks run (:func:`train_dense_task`, :func:`load_task_model`)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, read_checkpoint
-from ..io import atomic_torch_save
+from ..io import atomic_json_dump, atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -220,3 +221,108 @@ def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     scheduler.load_state_dict(raw["scheduler"])
     log.info("resumed from %s at iteration %d", path, raw["iteration"])
     return int(raw["iteration"])
+
+
+# ------------------------------------------------------------------------------------------------- drivers
+class DenseTrainConfig(Protocol):
+    """The fields :func:`train_dense_task` reads; ``DetectTrainConfig`` and ``SegmentTrainConfig`` (dataclasses,
+    stored whole in the checkpoints) have them."""
+
+    out_dir: str
+    backbone_weights: str | None
+    iterations: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    layer_decay: float
+    warmup_iters: int
+    clip_grad: float | None
+    checkpoint_every: int
+    resume: bool
+    workers: int
+    seed: int
+    device: str | None
+
+
+def train_dense_task(
+    config: DenseTrainConfig,
+    task: str,
+    *,
+    make_dataset: Callable[[], Any],
+    builder_for: Callable[[Any], dict[str, Any]],
+    build_model: Callable[..., nn.Module],
+    trunk_of: Callable[[nn.Module], nn.Module],
+    meta_for: Callable[[Any], dict[str, Any]],
+    loss_fn: Callable[[nn.Module, Any], dict[str, torch.Tensor]],
+    collate_fn: Callable | None = None,
+    drop_last: bool = False,
+    evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+    seeders: Sequence[Callable[[int], Any]] = (torch.manual_seed,),
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train a detection / segmentation model; writes ``last.pt`` (resumable), ``model.pt`` and
+    ``train_log.json`` into ``config.out_dir``.
+
+    The task supplies its pieces: ``make_dataset()`` the training set; ``builder_for(dataset)`` the keyword
+    arguments of ``build_model`` stored in the checkpoints (``backbone_weights`` is added only for the first
+    build); ``trunk_of(model)`` the backbone trunk that gets layer-wise lr decay; ``meta_for(dataset)`` extra
+    checkpoint entries (``config`` is added); ``loss_fn`` and ``collate_fn`` for :func:`train_iterations`;
+    ``evaluate(model)`` the validation metrics (``None``: no validation set). ``drop_last`` drops the ragged
+    last batch, but only while the dataset fills a batch on every rank. Each of ``seeders`` is called with
+    ``config.seed + rank``.
+
+    Returns ``{"losses": [...], "metrics": {...} (with ``evaluate``), "checkpoint": path}``. Under torchrun
+    each rank trains on its shard (DDP, gloo on CPU); rank 0 writes files and evaluates.
+    """
+    info = setup_distributed(config.device)
+    for seed in seeders:
+        seed(config.seed + info.rank)
+    out_dir = Path(config.out_dir)
+    try:
+        dataset = make_dataset()
+        builder = builder_for(dataset)
+        model = build_model(**builder, backbone_weights=config.backbone_weights).to(info.device)
+        optimizer = build_optimizer(model, trunk_of(model), config.lr, config.weight_decay, config.layer_decay)
+        scheduler = warmup_poly_schedule(optimizer, config.iterations, config.warmup_iters)
+        model = wrap_ddp(model, info)
+        start = 0
+        last = out_dir / "last.pt"
+        if config.resume and last.exists():
+            start = resume_state(last, model, optimizer, scheduler, task)
+        elif config.resume:
+            log.warning("--resume: %s does not exist yet; starting from scratch", last)
+        meta = {**meta_for(dataset), "config": asdict(config)}  # type: ignore[call-overload]
+
+        def checkpoint(done: int) -> None:
+            if info.is_main:
+                save_task_checkpoint(last, model, task, builder, optimizer=optimizer.state_dict(),
+                                     scheduler=scheduler.state_dict(), iteration=done, **meta)
+
+        loader = make_loader(dataset, config.batch_size, info, config.workers, collate_fn, shuffle=True,
+                             seed=config.seed,
+                             drop_last=drop_last and len(dataset) >= config.batch_size * info.world_size)
+        losses = train_iterations(model, loader, loss_fn, optimizer, scheduler,
+                                  iterations=config.iterations, start_iteration=start, checkpoint=checkpoint,
+                                  checkpoint_every=config.checkpoint_every, clip_grad=config.clip_grad,
+                                  show_progress=show_progress and info.is_main)
+        result: dict[str, Any] = {"losses": losses, "checkpoint": str(out_dir / "model.pt")}
+        if info.is_main:
+            core = model.module if hasattr(model, "module") else model
+            if evaluate is not None:
+                result["metrics"] = evaluate(core)
+            save_task_checkpoint(out_dir / "model.pt", core, task, builder, iteration=config.iterations,
+                                 metrics=result.get("metrics"), **meta)
+            atomic_json_dump({"losses": losses, "metrics": result.get("metrics")}, out_dir / "train_log.json")
+        return result
+    finally:
+        cleanup_distributed()
+
+
+def load_task_model(path: str | os.PathLike | Mapping[str, Any], task: str, build_model: Callable[..., nn.Module],
+                    device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a :func:`train_dense_task` checkpoint of ``task``; returns ``(model in eval mode,
+    raw checkpoint)``."""
+    raw = read_task_checkpoint(path, task)
+    model = build_model(**raw["builder"])
+    model.load_state_dict(raw["state_dict"])
+    return model.to(device).eval(), raw

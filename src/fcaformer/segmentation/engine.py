@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm import tqdm
 
 from ..detection.engine import read_image
-from ..detection.training import (
-    build_optimizer,
-    cleanup_distributed,
-    make_loader,
-    read_task_checkpoint,
-    resume_state,
-    save_task_checkpoint,
-    setup_distributed,
-    train_iterations,
-    warmup_poly_schedule,
-    wrap_ddp,
-)
-from ..io import atomic_json_dump, atomic_write
+from ..detection.training import load_task_model, train_dense_task
+from ..io import atomic_write
 from .data import IGNORE_INDEX, SegmentationFolder, normalize
 from .model import SIZE_DIVISOR, segment_logits, segmentor_trunk, upernet
 
@@ -99,67 +89,37 @@ def train_segmentor(config: SegmentTrainConfig, show_progress: bool = True) -> d
     for side in config.crop_size:
         if side % SIZE_DIVISOR:
             raise ValueError(f"crop_size sides must be multiples of {SIZE_DIVISOR}, got {config.crop_size}")
-    info = setup_distributed(config.device)
-    torch.manual_seed(config.seed + info.rank)
-    np.random.seed(config.seed + info.rank)
-    import random
 
-    random.seed(config.seed + info.rank)
-    out_dir = Path(config.out_dir)
-    try:
-        dataset = SegmentationFolder(config.img_dir, config.ann_dir, config.num_classes,
-                                     reduce_zero_label=config.reduce_zero_label, train=True,
-                                     base_size=config.base_size, scale_range=config.scale_range,
-                                     crop_size=config.crop_size)
-        builder = builder_kwargs(config)
-        model = upernet(**builder, backbone_weights=config.backbone_weights).to(info.device)
-        optimizer = build_optimizer(model, segmentor_trunk(model), config.lr, config.weight_decay,
-                                    config.layer_decay)
-        scheduler = warmup_poly_schedule(optimizer, config.iterations, config.warmup_iters)
-        model = wrap_ddp(model, info)
-        start = 0
-        last = out_dir / "last.pt"
-        if config.resume and last.exists():
-            start = resume_state(last, model, optimizer, scheduler, TASK)
-        elif config.resume:
-            log.warning("--resume: %s does not exist yet; starting from scratch", last)
-        meta = dict(class_names=config.class_names, reduce_zero_label=config.reduce_zero_label,
-                    config=asdict(config))
+    def evaluate(model: nn.Module) -> dict[str, Any]:
+        val = SegmentationFolder(config.val_img_dir, config.val_ann_dir, config.num_classes,
+                                 reduce_zero_label=config.reduce_zero_label)
+        test_size = config.base_size if config.val_test_size is None else config.val_test_size
+        return evaluate_segmentor(model, val, mode=config.val_mode, test_size=test_size,
+                                  crop_size=config.crop_size, show_progress=show_progress)
 
-        def checkpoint(done: int) -> None:
-            if info.is_main:
-                save_task_checkpoint(last, model, TASK, builder, optimizer=optimizer.state_dict(),
-                                     scheduler=scheduler.state_dict(), iteration=done, **meta)
-
-        loader = make_loader(dataset, config.batch_size, info, config.workers, None, shuffle=True,
-                             seed=config.seed, drop_last=len(dataset) >= config.batch_size * info.world_size)
-        losses = train_iterations(model, loader, segmentation_loss, optimizer, scheduler,
-                                  iterations=config.iterations, start_iteration=start, checkpoint=checkpoint,
-                                  checkpoint_every=config.checkpoint_every, clip_grad=config.clip_grad,
-                                  show_progress=show_progress and info.is_main)
-        result: dict[str, Any] = {"losses": losses, "checkpoint": str(out_dir / "model.pt")}
-        if info.is_main:
-            core = model.module if hasattr(model, "module") else model
-            if config.val_img_dir and config.val_ann_dir:
-                val = SegmentationFolder(config.val_img_dir, config.val_ann_dir, config.num_classes,
-                                         reduce_zero_label=config.reduce_zero_label)
-                test_size = config.base_size if config.val_test_size is None else config.val_test_size
-                result["metrics"] = evaluate_segmentor(core, val, mode=config.val_mode, test_size=test_size,
-                                                       crop_size=config.crop_size, show_progress=show_progress)
-            save_task_checkpoint(out_dir / "model.pt", core, TASK, builder, iteration=config.iterations,
-                                 metrics=result.get("metrics"), **meta)
-            atomic_json_dump({"losses": losses, "metrics": result.get("metrics")}, out_dir / "train_log.json")
-        return result
-    finally:
-        cleanup_distributed()
+    return train_dense_task(
+        config, TASK,
+        make_dataset=lambda: SegmentationFolder(config.img_dir, config.ann_dir, config.num_classes,
+                                                reduce_zero_label=config.reduce_zero_label, train=True,
+                                                base_size=config.base_size, scale_range=config.scale_range,
+                                                crop_size=config.crop_size),
+        builder_for=lambda dataset: builder_kwargs(config),
+        build_model=upernet,
+        trunk_of=segmentor_trunk,
+        meta_for=lambda dataset: dict(class_names=config.class_names, reduce_zero_label=config.reduce_zero_label),
+        loss_fn=segmentation_loss,
+        # a one-image remainder batch fails BatchNorm after the decoder's 1x1 pyramid pooling
+        drop_last=True,
+        evaluate=evaluate if config.val_img_dir and config.val_ann_dir else None,
+        # the scale / crop / flip augmentations draw from Python's random, not torch's generator
+        seeders=(torch.manual_seed, np.random.seed, random.seed),
+        show_progress=show_progress,
+    )
 
 
 def load_segmentor(path: str | os.PathLike | Mapping[str, Any], device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a segmentor from a checkpoint of :func:`train_segmentor`; returns ``(model in eval mode, raw)``."""
-    raw = read_task_checkpoint(path, TASK)
-    model = upernet(**raw["builder"])
-    model.load_state_dict(raw["state_dict"])
-    return model.to(device).eval(), raw
+    return load_task_model(path, TASK, upernet, device)
 
 
 @torch.no_grad()
