@@ -271,3 +271,51 @@ def test_bf16_autocast_fast_path_close_to_fp32() -> None:
             out = fused(x)
     assert out.dtype == torch.bfloat16
     assert relative_error(out.float(), ref) < 0.05  # bf16 keeps ~3 significant digits
+
+
+# --------------------------------------------------------------------------------- benchmark harness
+def test_timing_summary_and_interleaving() -> None:
+    from statistics import median
+
+    from fcaformer.benchmark import Timing, interleaved_timings
+
+    samples = [0.005, 0.001, 0.003, 0.002, 0.004, 0.010, 0.006, 0.007, 0.008, 0.009, 0.0095]
+    timing = Timing.from_seconds(samples)
+    assert timing.median_ms == pytest.approx(1e3 * median(samples))
+    assert timing.min_ms == pytest.approx(1.0) and timing.samples == 11
+    assert timing.p90_ms == pytest.approx(9.5)  # 90th percentile of 11 sorted samples: index 9
+    order: list[str] = []
+    timings = interleaved_timings({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, 1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rounds with rotating order
+    assert {k: t.samples for k, t in timings.items()} == {"a": 3, "b": 3}
+    with pytest.raises(ValueError, match="no candidates"):
+        interleaved_timings({})
+
+
+def test_peak_activation_memory_counts_live_tensors() -> None:
+    from fcaformer.benchmark import peak_activation_mib
+
+    def two_then_one() -> torch.Tensor:
+        a = torch.zeros(2**20)  # 4 MiB
+        b = a + 1  # 4 MiB more while a is alive
+        del a
+        return b * 2  # a freed: peak stays 8 MiB
+
+    assert peak_activation_mib(two_then_one) == pytest.approx(8.0, abs=0.01)
+
+
+def test_cli_benchmark_writes_table_json_and_chart(tmp_path, capsys) -> None:
+    import json
+
+    from fcaformer.cli import main
+
+    out = tmp_path / "zoo"
+    assert main(["benchmark", "--models", "fcaformer_l1", "--peers", "--img-size", "64", "--repeats", "2",
+                 "--warmup", "1", "--throughput-repeats", "0", "--onnx", "--threads", "1", "-o", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    names = [row["name"] for row in data["rows"]]
+    assert names == ["fcaformer_l1 (faithful)", "fcaformer_l1"]
+    assert all(row["latency"]["samples"] == 2 for row in data["rows"])
+    assert data["rows"][1]["params_m"] == pytest.approx(6.19, abs=0.01)
+    assert "loadavg_before" in data["info"] and out.with_suffix(".png").stat().st_size > 0
+    assert "| fcaformer_l1 |" in out.with_suffix(".md").read_text()
