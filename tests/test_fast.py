@@ -319,3 +319,17 @@ def test_cli_benchmark_writes_table_json_and_chart(tmp_path, capsys) -> None:
     assert data["rows"][1]["params_m"] == pytest.approx(6.19, abs=0.01)
     assert "loadavg_before" in data["info"] and out.with_suffix(".png").stat().st_size > 0
     assert "| fcaformer_l1 |" in out.with_suffix(".md").read_text()
+
+
+def test_fast_path_follows_dtype_changes() -> None:
+    """No hidden float32 in the fast path (float64 agrees to 1e-12), and the cached bias follows a dtype change."""
+    model = make_model("fcaformer_l1", img_size=64, depths=(1, 1, 3, 2)).double()
+    fused = fuse_model(model)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+        assert out.dtype == torch.float64 and relative_error(out, ref) < 1e-12
+        model, fused = model.float(), fused.float()
+        ref, out = model(x.float()), fused(x.float())
+    assert out.dtype == torch.float32 and relative_error(out, ref) < TOLERANCE
+    assert all(key[2][3] == torch.float32 for m in fast_attention_modules(fused) for key in m._bias_cache)
