@@ -221,14 +221,14 @@ def _cell(value: float | None, spec: str) -> str:
 def markdown_table(rows: Sequence[ModelRow], baseline: str | None = None) -> str:
     """The zoo table as markdown; ``baseline`` adds a latency-ratio column relative to that row."""
     base = next((r for r in rows if r.name == baseline and r.latency), None)
-    header = ["model", "params (M)", "GMACs", "latency b1 median (ms)", "p90 (ms)"]
+    header = ["model", "params (M)", "GMACs", "latency b1 median (ms)", "p90 (ms)", "min (ms)"]
     if base:
         header.append(f"vs {baseline}")
     header += ["ONNX Runtime b1 (ms)", "throughput (img/s)", "activations (MiB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
         cells = [r.name, f"{r.params_m:.2f}", f"{r.gmacs:.3f}", _cell(r.latency and r.latency.median_ms, ".1f"),
-                 _cell(r.latency and r.latency.p90_ms, ".1f")]
+                 _cell(r.latency and r.latency.p90_ms, ".1f"), _cell(r.latency and r.latency.min_ms, ".1f")]
         if base:
             cells.append(_cell(r.latency and r.latency.median_ms / base.latency.median_ms, ".2f") + "x")
         throughput = None if r.throughput_ips is None else f"{r.throughput_ips:.1f} (b{r.throughput_batch})"
