@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -339,9 +341,13 @@ def test_predict_topk_json_and_errors(trained_folder_run: tuple[Path, Path], tmp
 
 
 def test_bf16_autocast_and_channels_last_train(tmp_path: Path) -> None:
-    config = load_config("default", tiny_overrides(tmp_path / "run", "run.amp=bf16", "run.channels_last=true",
-                                                   "run.max_steps=2", "optim.clip_grad=1.0"))
-    summary = train(config)
+    # In a fresh process, as the CLI runs it: a second bf16 CPU training in the same process (after others in
+    # this test session) can get non-finite gradients at its first step. Known issue, see docs/training.md.
+    overrides = tiny_overrides(tmp_path / "run", "run.amp=bf16", "run.channels_last=true", "run.max_steps=2",
+                               "optim.clip_grad=1.0")
+    subprocess.run([sys.executable, "-m", "fcaformer", "train", "--set", *overrides], check=True,
+                   capture_output=True, text=True)
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["val"]["loss"])
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         Trainer(load_config("default", tiny_overrides(tmp_path / "fp16", "run.amp=fp16", "run.device=cpu")))
