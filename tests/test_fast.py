@@ -12,6 +12,7 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import fcaformer
+from fcaformer.benchmark import randomize_weights_ as randomize_
 from fcaformer.fast import fast_attention_modules, fuse_model, is_fused, set_fast_attention
 from fcaformer.layers import FcaAttention
 from tests.conftest import shared_path
@@ -25,29 +26,6 @@ SMALL_DEPTHS = {"fcaformer_l2": (1, 1, 4, 2), "fcaformer_l3": (1, 1, 3, 2), "fca
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Move every parameter and BN statistic away from its init so that every branch (layer scales, biases,
-    LSFs, BN folding) changes the output; the fast path must then reproduce all of them."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        noise = torch.randn(param.shape, generator=gen)
-        if name.endswith(("gamma", "cross_scale")) or "norm" in name and name.endswith("weight"):
-            param.copy_(1 + 0.3 * noise)  # scales near 1 (layer scales at 1e-6 would hide the branches)
-        elif name.endswith(("rel_pos_table", "cross_bias")):
-            param.copy_(noise)
-        elif param.ndim == 1:
-            param.copy_(0.1 * noise)
-        else:
-            param.add_(0.01 * noise)
-    for name, buf in model.named_buffers():
-        if name.endswith("running_mean"):
-            buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
-        elif name.endswith("running_var"):
-            buf.copy_(0.5 + torch.rand(buf.shape, generator=gen))
-    return model.eval()
 
 
 def make_model(name: str, img_size: int = 224, **kwargs) -> nn.Module:
