@@ -144,12 +144,19 @@ def test_fuse_rejects_non_fcaformer() -> None:
 
 
 # ----------------------------------------------------------------------------------------- bias cache
-def test_bias_cache_reused_then_invalidated_by_parameter_change() -> None:
+def warm_fused_l1() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A small L1, its fused copy after one forward (bias cache filled), and the input used."""
     model = make_model("fcaformer_l1", img_size=64)
     fused = fuse_model(model)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         fused(x)
+    return model, fused, x
+
+
+def test_bias_cache_reused_then_invalidated_by_parameter_change() -> None:
+    model, fused, x = warm_fused_l1()
+    with torch.no_grad():
         attn = fused.stages[2].blocks[1].attn
         cached = next(iter(attn._bias_cache.values()))
         fused(x)
@@ -168,11 +175,7 @@ def test_bias_cache_reused_then_invalidated_by_parameter_change() -> None:
 
 
 def test_bias_cache_invalidated_by_load_state_dict_and_train() -> None:
-    model = make_model("fcaformer_l1", img_size=64)
-    fused = fuse_model(model)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        fused(x)
+    model, fused, x = warm_fused_l1()
     attn = fused.stages[2].blocks[1].attn
     assert attn._bias_cache
     fused.train()
