@@ -28,7 +28,7 @@ import torch
 
 import fcaformer  # noqa: F401  (registers the models)
 from fcaformer.benchmark import interleaved_timings, machine_info, randomize_weights_
-from fcaformer.fast import fuse_model
+from fcaformer.fast import fuse_model, tune_cpu_allocator
 from fcaformer.io import atomic_json_dump, atomic_write
 from fcaformer.layers import conv_out_size
 from fcaformer.profile import count_macs
@@ -78,8 +78,9 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "docs" / "cost_growth"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    allocator_tuned = tune_cpu_allocator()
     torch.manual_seed(0)
-    info = {"machine": machine_info(), "loadavg_start": list(os.getloadavg())}
+    info = {"machine": machine_info(), "loadavg_start": list(os.getloadavg()), "cpu_allocator_tuned": allocator_tuned}
     rows = []
     for name in args.models:
         for size in args.sizes:
@@ -107,7 +108,8 @@ def main() -> int:
 
     machine = info["machine"]
     caption = (f"{machine['cpu']} ({machine['cpu_count']} shared cores), {args.threads} torch threads, fp32, "
-               f"batch 1; load average {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}")
+               f"batch 1, {'tuned glibc allocator' if allocator_tuned else 'default allocator'}; "
+               f"load average {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}")
     lines = [
         f"Measured by `benchmarks/cost_growth.py` on {caption}.", "",
         "| model | input | mode | stage-3 tokens | GMACs off | GMACs on | extra GMACs | extra MACs | "

@@ -29,7 +29,7 @@ import torch
 import fcaformer
 from fcaformer.benchmark import interleaved_timings, machine_info, randomize_weights_
 from fcaformer.export import onnx_bytes, onnx_session, relative_error, run_onnx
-from fcaformer.fast import fuse_model, set_fast_attention
+from fcaformer.fast import fuse_model, set_fast_attention, tune_cpu_allocator
 from fcaformer.io import atomic_json_dump, atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +67,10 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "docs" / "speed_goals"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    allocator_tuned = tune_cpu_allocator()
     torch.manual_seed(0)
-    results: dict = {"machine": machine_info(), "loadavg": {"start": list(os.getloadavg())}}
+    results: dict = {"machine": machine_info(), "loadavg": {"start": list(os.getloadavg())},
+                     "cpu_allocator_tuned": allocator_tuned}
 
     faithful, weights = load_l1()
     fast = fuse_model(faithful)
@@ -81,7 +83,8 @@ def main() -> int:
     with torch.inference_mode():
         ref1 = faithful(x1)
     results["fast_rel_error"] = relative_error(fast(x1).detach(), ref1)
-    session = onnx_session(onnx_bytes(fast, x1.expand(2, -1, -1, -1).contiguous()), threads=args.threads)
+    session = onnx_session(onnx_bytes(fast, x1.expand(2, -1, -1, -1).contiguous()), threads=args.threads,
+                           spin=False)
     results["onnx_rel_error"] = relative_error(run_onnx(session, x1)[0], ref1)
 
     calls = {name: (lambda m=m: m(x1)) for name, m in candidates.items()}
@@ -167,7 +170,9 @@ def main() -> int:
     machine = results["machine"]
     lines = [
         f"Machine: {machine['cpu']}, {machine['cpu_count']} cores shared with other jobs, {args.threads} torch "
-        f"threads, torch {machine['torch']}, fp32 unless noted. Load average (1 min) "
+        f"threads, torch {machine['torch']}, fp32 unless noted, "
+        f"{'glibc allocator tuned (tune_cpu_allocator)' if allocator_tuned else 'default allocator'}. "
+        f"Load average (1 min) "
         f"{results['loadavg']['start'][0]:.2f} at start, {results['loadavg']['end'][0]:.2f} at end. "
         f"L1 weights: {weights}.",
         "",

@@ -2,7 +2,7 @@
 
 Writes ``docs/benchmarks_zoo.{md,json,png}`` (latency vs MACs chart). Same as
 
-    fcaformer benchmark --repeats 10 --throughput-repeats 0 --onnx fcaformer_l0 fcaformer_l1 fcaformer_l2 \
+    fcaformer benchmark --repeats 10 --throughput-repeats 3 --onnx fcaformer_l0 fcaformer_l1 fcaformer_l2 \
         -o docs/benchmarks_zoo
 """
 
@@ -16,5 +16,5 @@ from fcaformer.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
-    sys.exit(main(["benchmark", "--repeats", "10", "--throughput-repeats", "0", "--onnx", "fcaformer_l0",
+    sys.exit(main(["benchmark", "--repeats", "10", "--throughput-repeats", "3", "--onnx", "fcaformer_l0",
                    "fcaformer_l1", "fcaformer_l2", "-o", str(ROOT / "docs" / "benchmarks_zoo"), *sys.argv[1:]]))

@@ -323,7 +323,7 @@ def run_zoo(
     sessions = {}
     for name in tqdm(list(onnx_models), desc="exporting ONNX", leave=False):
         sessions[name] = onnx_session(onnx_bytes(runnable[name], x1.expand(2, -1, -1, -1).contiguous()),
-                                      threads=torch.get_num_threads())
+                                      threads=torch.get_num_threads(), spin=False)
 
     with torch.inference_mode():
         for label, model in runnable.items():

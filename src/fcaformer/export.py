@@ -85,14 +85,24 @@ def onnx_bytes(
     return buffer.getvalue()
 
 
-def onnx_session(model_bytes_or_path: bytes | str | os.PathLike, threads: int | None = None):
-    """An onnxruntime CPU ``InferenceSession`` (``threads`` intra-op threads, default: onnxruntime's)."""
+def onnx_session(model_bytes_or_path: bytes | str | os.PathLike, threads: int | None = None, spin: bool = True):
+    """An onnxruntime CPU ``InferenceSession``.
+
+    Args:
+        model_bytes_or_path: the ONNX model.
+        threads: intra-op threads (default: onnxruntime's choice).
+        spin: let idle worker threads busy-wait for the next run (onnxruntime's default). Turn it off when
+            the session shares the cores with other work, e.g. timed interleaved with PyTorch models: the
+            spinning threads would otherwise slow down whatever runs right after.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model_bytes_or_path if isinstance(model_bytes_or_path, bytes) else str(model_bytes_or_path)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     rows, info = run_zoo(args.models, args.peers, args.img_size, args.repeats, args.warmup,
                          args.throughput_batch, args.throughput_repeats, args.onnx)
     machine = info["machine"]
-    caption = (f"{machine['cpu']}, {args.threads} torch threads, fp32, {args.img_size}x{args.img_size}; "
+    info["cpu_allocator_tuned"] = getattr(args, "allocator_tuned", False)
+    allocator = "glibc tuned (no trimming)" if info["cpu_allocator_tuned"] else "default allocator"
+    caption = (f"{machine['cpu']}, {args.threads} torch threads, fp32, {args.img_size}x{args.img_size}, {allocator}; "
                f"load average {info['loadavg_before'][0]:.2f} -> {info['loadavg_after'][0]:.2f}")
     table = markdown_table(rows, baseline="fcaformer_l1 (faithful)" if "fcaformer_l1" in args.models else None)
     print(table + "\n\n" + caption)

@@ -524,7 +524,8 @@ class FcaStage(nn.Module):
     def _forward_windowed(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         ws = self.window_size
-        rows, cols = math.ceil(height / ws), math.ceil(width / ws)
+        # Integer ceil division (not math.ceil of a float) keeps the sizes symbolic under torch.export.
+        rows, cols = -(-height // ws), -(-width // ws)
         pad_h, pad_w = rows * ws - height, cols * ws - width
         history: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
