@@ -238,12 +238,10 @@ class FcaAttention(nn.Module):
     def _forward_fast(self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None) -> torch.Tensor:
         batch, num_tokens, channels = x.shape
         num_cross = 0 if cross is None else cross.shape[1]
-        if (
-            torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in (self.rel_pos_table, self.cross_bias)
-                                                if p is not None))
-        ):
+        bias_needs_grad = torch.is_grad_enabled() and any(
+            p.requires_grad for p in (self.rel_pos_table, self.cross_bias) if p is not None
+        )
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or bias_needs_grad:
             # Graph capture must see the bias built from the parameters, and training needs its gradient.
             bias = self.attention_bias(grid, num_cross)
         else:
@@ -257,8 +255,9 @@ class FcaAttention(nn.Module):
             )
             k = torch.cat((k, k_cross), dim=2)
             v = torch.cat((v, v_cross), dim=2)
-        if self.attn_probe._forward_hooks or self.attn_probe._forward_pre_hooks:
-            # Analysis hooks need the probabilities themselves: compute them explicitly.
+        if self.attn_probe._forward_hooks or self.attn_probe._forward_pre_hooks or bias_needs_grad:
+            # Analysis hooks need the probabilities themselves. And with a bias that needs a gradient, PyTorch's
+            # CPU SDPA falls back to a slower unfused kernel than these three ops (measured on L1 training).
             logits = (q * self.scale) @ k.transpose(-2, -1)
             if bias is not None:
                 logits = logits + bias

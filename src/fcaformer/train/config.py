@@ -111,6 +111,8 @@ class RunConfig:
     threads: int = 0
     amp: str = "none"
     channels_last: bool = False
+    # Fca attention without the release's unused cross-token query (same outputs and gradients, faster).
+    fast_attention: bool = True
     compile: bool = False
     deterministic: bool = False
     eval_every: int = 1

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..fast import fast_attention_modules, set_fast_attention
 from ..io import atomic_json_dump, atomic_write, save_model
 from ..profile import count_macs, count_params
 from .config import TrainConfig, config_from_dict
@@ -123,6 +124,8 @@ class Trainer:
         self.model.to(self.device)
         if run.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if run.fast_attention and fast_attention_modules(self.model):
+            set_fast_attention(self.model)
         self.ema = ModelEmaV3(self.model, decay=config.optim.ema_decay) if config.optim.ema else None
 
         self.sampler = ResumableSampler(self.train_set, run.batch_size, rank=self.dist.rank,
