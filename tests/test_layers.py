@@ -186,3 +186,26 @@ def test_bad_input_raises_value_error(name: str, x: torch.Tensor, message: str) 
     model = timm.create_model(name, **(SMALL if name == "fcaformer_l1" else dict(embed_dim=48, depth=2, num_heads=2)))
     with pytest.raises(ValueError, match=message):
         model(x)
+
+
+def test_merge_weight_gradient_is_exact_under_cpu_bf16_autocast_on_tiny_grids() -> None:
+    # On a 2x2 grid most taps of the 7x7 stride-4 merge kernel see only padding; oneDNN's bf16 depthwise weight
+    # gradient leaves those unwritten (stale memory). Poison the allocator with NaNs first, then the gradient must
+    # still equal the fp32 one (the block runs the merge in fp32 under CPU autocast).
+    torch.manual_seed(0)
+    block = FcaBlock(32, 1, (2, 2), emits_cross=True)
+    tokens = torch.randn(8, 4, 32)
+    for size in (32 * 49, 32 * 49 * 2, 8 * 32 * 4, 4096):
+        for dtype in (torch.float32, torch.bfloat16):
+            del_me = torch.full((size,), float("nan"), dtype=dtype)
+            del del_me
+    feature_map = tokens.transpose(1, 2).reshape(8, 32, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = block._merge(feature_map)
+    assert merged.dtype == torch.float32
+    merged.square().sum().backward()
+    grad = block.merge.weight.grad.clone()
+    block.merge.weight.grad = None
+    F.conv2d(feature_map, block.merge.weight, stride=4, padding=3, groups=32).square().sum().backward()
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, block.merge.weight.grad, rtol=1e-5, atol=1e-6)

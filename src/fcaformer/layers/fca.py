@@ -416,12 +416,22 @@ class FcaBlock(nn.Module):
         prefix, tokens = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         batch, _, channels = tokens.shape
         feature_map = tokens.transpose(1, 2).reshape(batch, channels, grid[0], grid[1])
-        new_cross = self.merge(feature_map).flatten(2).transpose(1, 2) if self.merge is not None else None
+        new_cross = self._merge(feature_map).flatten(2).transpose(1, 2) if self.merge is not None else None
         tokens = self.enhance(feature_map).flatten(2).transpose(1, 2)
         x = torch.cat((prefix, tokens), dim=1) if self.num_prefix_tokens else tokens
 
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, new_cross
+
+
+    def _merge(self, feature_map: torch.Tensor) -> torch.Tensor:
+        if feature_map.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN's bf16 depthwise weight gradient leaves kernel taps that only ever see padding unwritten
+            # (stale memory, often NaN) when the grid is smaller than the 7x7 stride-4 kernel's reach (below
+            # 8x8 tokens). The merge is well under 0.1 % of the MACs, so it runs in fp32 under CPU autocast.
+            with torch.autocast("cpu", enabled=False):
+                return self.merge(feature_map.float())
+        return self.merge(feature_map)
 
 
 class FcaStage(nn.Module):
