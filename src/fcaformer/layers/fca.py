@@ -423,12 +423,11 @@ class FcaBlock(nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, new_cross
 
-
     def _merge(self, feature_map: torch.Tensor) -> torch.Tensor:
         if feature_map.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # oneDNN's bf16 depthwise weight gradient leaves kernel taps that only ever see padding unwritten
-            # (stale memory, often NaN) when the grid is smaller than the 7x7 stride-4 kernel's reach (below
-            # 8x8 tokens). The merge is well under 0.1 % of the MACs, so it runs in fp32 under CPU autocast.
+            # (stale memory, often NaN); that happens on grids of 4 tokens or fewer on a side, where some taps of
+            # the 7x7 stride-4 kernel see no input. The merge is well under 0.1 % of the MACs: run it in fp32.
             with torch.autocast("cpu", enabled=False):
                 return self.merge(feature_map.float())
         return self.merge(feature_map)
