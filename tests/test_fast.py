@@ -319,21 +319,19 @@ def test_fast_path_follows_dtype_changes() -> None:
     assert all(key[2][3] == torch.float32 for m in fast_attention_modules(fused) for key in m._bias_cache)
 
 
-# Allocates and frees activation-sized blocks the way a forward does; prints the minor page faults of 10 rounds
-# before and after tune_cpu_allocator().
+# Allocates, fills and frees a 64 MiB block (a batch's activation): above glibc's largest dynamic mmap threshold
+# (32 MiB), so by default every round maps fresh pages. Prints the minor page faults of 5 rounds before and after
+# tune_cpu_allocator().
 _FAULTS_SCRIPT = """
 import resource, torch
 from fcaformer.fast import tune_cpu_allocator
 
-def forward_like():
-    a = torch.ones(1 << 21); b = torch.ones(1 << 22); c = a + 1; del a; d = b * 2; del b, c, d
-
 def faults():
-    for _ in range(3):
-        forward_like()
+    for _ in range(2):
+        torch.ones(1 << 24)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        forward_like()
+    for _ in range(5):
+        torch.ones(1 << 24)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
 
 print(faults(), tune_cpu_allocator(), faults())
@@ -341,11 +339,12 @@ print(faults(), tune_cpu_allocator(), faults())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt and ru_minflt are Linux facts")
-def test_tune_cpu_allocator_stops_page_faults_on_reused_activation_memory() -> None:
+def test_tune_cpu_allocator_removes_page_faults_on_reused_activation_memory() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
     result = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, env=env,
                             check=True, timeout=120)
     before, tuned, after = result.stdout.split()
     assert tuned == "True"
-    assert int(before) > 1000, "glibc's default should fault on freshly mapped activation memory"
-    assert int(after) == 0
+    assert int(before) >= 5 * 16384 * 0.9, "glibc's default maps (and faults in) every 64 MiB block afresh"
+    # Tuned, the block stays in the heap: at most one more growth while the heap settles, then no faults.
+    assert int(after) <= 16384 + 100
