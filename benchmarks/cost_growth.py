@@ -107,7 +107,7 @@ def main() -> int:
     info["loadavg_end"] = list(os.getloadavg())
 
     machine = info["machine"]
-    caption = (f"{machine['cpu']} ({machine['cpu_count']} shared cores), {args.threads} torch threads, fp32, "
+    caption = (f"{machine['cpu']} ({machine['cpu_count']} cores), {args.threads} torch threads, fp32, "
                f"batch 1, {'tuned glibc allocator' if allocator_tuned else 'default allocator'}; "
                f"load average {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}")
     lines = [

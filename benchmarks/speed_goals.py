@@ -179,7 +179,7 @@ def main() -> int:
 
     machine = results["machine"]
     lines = [
-        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores shared with other jobs, {args.threads} torch "
+        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, {args.threads} torch "
         f"threads, torch {machine['torch']}, fp32 unless noted, "
         f"{'glibc allocator tuned (tune_cpu_allocator)' if allocator_tuned else 'default allocator'}. "
         f"Load average (1 min) "
