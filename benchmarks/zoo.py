@@ -4,6 +4,9 @@ Writes ``docs/benchmarks_zoo.{md,json,png}`` (latency vs MACs chart). Same as
 
     fcaformer benchmark --repeats 10 --throughput-repeats 3 --onnx fcaformer_l0 fcaformer_l1 fcaformer_l2 \
         -o docs/benchmarks_zoo
+
+Re-draw the table and chart from the stored JSON without measuring:
+``fcaformer benchmark --replot docs/benchmarks_zoo.json -o docs/benchmarks_zoo``.
 """
 
 from __future__ import annotations

@@ -304,6 +304,15 @@ def test_cli_benchmark_writes_table_json_and_chart(tmp_path, capsys) -> None:
     assert "loadavg_before" in data["info"] and out.with_suffix(".png").stat().st_size > 0
     assert "| fcaformer_l1 |" in out.with_suffix(".md").read_text()
 
+    # Re-plotting from the JSON measures nothing and reproduces the table.
+    again = tmp_path / "again"
+    assert main(["benchmark", "--replot", str(out.with_suffix(".json")), "-o", str(again)]) == 0
+    assert again.with_suffix(".md").read_text() == out.with_suffix(".md").read_text()
+    assert again.with_suffix(".png").stat().st_size > 0 and not again.with_suffix(".json").exists()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a JSON file written by fcaformer benchmark"):
+        main(["benchmark", "--replot", str(tmp_path / "bad.json"), "-o", str(again)])
+
 
 def test_fast_path_follows_dtype_changes() -> None:
     """No hidden float32 in the fast path (float64 agrees to 1e-12), and the cached bias follows a dtype change."""

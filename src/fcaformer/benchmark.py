@@ -208,6 +208,12 @@ class ModelRow:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelRow:
+        """The inverse of :meth:`to_dict` (e.g. to re-plot a stored benchmark)."""
+        timings = {k: Timing(**data[k]) if data.get(k) else None for k in ("latency", "onnxruntime")}
+        return cls(**{**data, **timings})
+
 
 def model_cost(model: nn.Module, img_size: int) -> tuple[float, float]:
     """(params in M, GMACs at batch 1) of an eval-mode model; MACs = FLOPs / 2 (``torch.utils.flop_counter``)."""
@@ -239,7 +245,10 @@ def markdown_table(rows: Sequence[ModelRow], baseline: str | None = None) -> str
 
 
 def latency_vs_macs_plot(rows: Sequence[ModelRow], path: str | os.PathLike, title: str) -> None:
-    """PNG scatter of batch-1 latency against GMACs (accuracy is not measurable here), written atomically."""
+    """PNG of batch-1 latency (and, when measured, throughput) against GMACs, log-log, written atomically.
+
+    Accuracy is not measurable here, so MACs stand in on the x axis. Log axes keep the many ~1 GMAC models apart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,21 +256,47 @@ def latency_vs_macs_plot(rows: Sequence[ModelRow], path: str | os.PathLike, titl
 
     from .io import atomic_write
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in rows:
-        if r.latency is None:
-            continue
-        ours = r.name.startswith("fcaformer")
-        ax.scatter(r.gmacs, r.latency.median_ms, s=50, marker="o" if ours else "s",
-                   color="tab:red" if ours else "tab:blue")
-        ax.annotate(r.name, (r.gmacs, r.latency.median_ms), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("GMACs (224x224, batch 1)")
-    ax.set_ylabel("latency, batch 1, median (ms)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    timed = [r for r in rows if r.latency is not None]
+    panels = [("latency, batch 1, median (ms)", lambda r: r.latency.median_ms)]
+    if any(r.throughput_ips for r in timed):
+        panels.append(("throughput (images/s)", lambda r: r.throughput_ips))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6), squeeze=False)
+    for ax, (label, value) in zip(axes[0], panels):
+        points = [(r.name, r.gmacs, value(r)) for r in timed if value(r)]
+        for name, x, y in points:
+            ours = name.startswith("fcaformer")
+            ax.scatter(x, y, s=50, marker="o" if ours else "s", color="tab:red" if ours else "tab:blue")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # ticks at 1, 2, 5 x 10^k, written as plain numbers
+            axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("GMACs (batch 1)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        _annotate_apart(fig, ax, points)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     plt.close(fig)
+
+
+def _annotate_apart(fig: Any, ax: Any, points: Sequence[tuple[str, float, float]], fontsize: int = 7) -> None:
+    """Label each point, pushing a label up (in points) until it no longer overlaps one placed before."""
+    fig.canvas.draw()  # fixes the data -> pixel transform
+    to_pixels, scale = ax.transData.transform, fig.dpi / 72
+    placed: list[tuple[float, float, float, float]] = []
+    for name, x, y in sorted(points, key=lambda p: p[2]):
+        px, py = to_pixels((x, y))
+        width, height = 0.6 * fontsize * len(name) * scale, 1.2 * fontsize * scale
+        offset = 3.0
+        while any(px < right and left < px + width and py + offset * scale < top and bottom < py + offset * scale
+                  + height for left, bottom, right, top in placed):
+            offset += 2.0
+        placed.append((px, py + offset * scale, px + width, py + offset * scale + height))
+        ax.annotate(name, (x, y), fontsize=fontsize, xytext=(4, offset), textcoords="offset points",
+                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if offset > 6 else None)
 
 
 def _build(name: str, img_size: int) -> nn.Module:

@@ -28,34 +28,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--onnx", nargs="*", default=["fcaformer_l1"], metavar="NAME",
                         help="FcaFormer models also timed in ONNX Runtime (default fcaformer_l1)")
     parser.add_argument("--output", "-o", help="write <output>.md, <output>.json and <output>.png")
+    parser.add_argument("--replot", metavar="JSON",
+                        help="measure nothing: rewrite the table and chart from a JSON this command wrote")
     parser.set_defaults(func=run)
 
 
+def _caption(info: dict) -> str:
+    machine, size = info["machine"], info["img_size"]
+    allocator = "glibc tuned (no trimming)" if info.get("cpu_allocator_tuned") else "default allocator"
+    return (f"{machine['cpu']}, {machine['torch_threads']} torch threads, fp32, {size}x{size}, {allocator}; "
+            f"load average {info['loadavg_before'][0]:.2f} -> {info['loadavg_after'][0]:.2f}")
+
+
 def run(args: argparse.Namespace) -> int:
+    import json
+
     import torch
 
-    from ..benchmark import latency_vs_macs_plot, markdown_table, run_zoo
+    from ..benchmark import ModelRow, latency_vs_macs_plot, markdown_table, run_zoo
     from ..io import atomic_json_dump, atomic_write
 
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-    unknown = [n for n in args.onnx if n not in args.models]
-    if unknown:
-        raise SystemExit(f"--onnx models must be among --models; not benchmarked: {unknown}")
-    torch.set_num_threads(args.threads)
-    rows, info = run_zoo(args.models, args.peers, args.img_size, args.repeats, args.warmup,
-                         args.throughput_batch, args.throughput_repeats, args.onnx)
-    machine = info["machine"]
-    info["cpu_allocator_tuned"] = getattr(args, "allocator_tuned", False)
-    allocator = "glibc tuned (no trimming)" if info["cpu_allocator_tuned"] else "default allocator"
-    caption = (f"{machine['cpu']}, {args.threads} torch threads, fp32, {args.img_size}x{args.img_size}, {allocator}; "
-               f"load average {info['loadavg_before'][0]:.2f} -> {info['loadavg_after'][0]:.2f}")
-    table = markdown_table(rows, baseline="fcaformer_l1 (faithful)" if "fcaformer_l1" in args.models else None)
+    if args.replot:
+        if not args.output:
+            raise SystemExit("--replot needs --output: where to write the table and chart")
+        try:
+            data = json.loads(Path(args.replot).read_text())
+            rows, info = [ModelRow.from_dict(r) for r in data["rows"]], data["info"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            message = f"--replot {args.replot}: not a JSON file written by fcaformer benchmark ({error})"
+            raise SystemExit(message) from None
+    else:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        unknown = [n for n in args.onnx if n not in args.models]
+        if unknown:
+            raise SystemExit(f"--onnx models must be among --models; not benchmarked: {unknown}")
+        torch.set_num_threads(args.threads)
+        rows, info = run_zoo(args.models, args.peers, args.img_size, args.repeats, args.warmup,
+                             args.throughput_batch, args.throughput_repeats, args.onnx)
+        info["cpu_allocator_tuned"] = getattr(args, "allocator_tuned", False)
+    caption = _caption(info)
+    names = [r.name for r in rows]
+    table = markdown_table(rows, baseline="fcaformer_l1 (faithful)" if "fcaformer_l1 (faithful)" in names else None)
     print(table + "\n\n" + caption)
     if args.output:
         out = Path(args.output)
         atomic_write(out.with_suffix(".md"), lambda h: h.write(table + "\n\n" + caption + "\n"), binary=False)
-        atomic_json_dump({"info": info, "rows": [r.to_dict() for r in rows]}, out.with_suffix(".json"))
+        if not args.replot:
+            atomic_json_dump({"info": info, "rows": [r.to_dict() for r in rows]}, out.with_suffix(".json"))
         latency_vs_macs_plot(rows, out.with_suffix(".png"), caption)
-        print(f"wrote {out.with_suffix('.md')}, .json and .png")
+        print(f"wrote {out.with_suffix('.md')}, .png" + ("" if args.replot else " and .json"))
     return 0
