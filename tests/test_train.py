@@ -15,6 +15,7 @@ import torch
 
 import fcaformer
 from fcaformer.cli import main as cli_main
+from fcaformer.fast import is_fused
 from fcaformer.io import load_model
 from fcaformer.train import ConfigError, DataError, list_presets, load_config
 from fcaformer.train.config import config_from_dict
@@ -26,6 +27,7 @@ from fcaformer.train.data import (
     scan_image_folder,
 )
 from fcaformer.train.engine import Trainer, TrainingDiverged, train
+from fcaformer.train.inference import load_any_model
 from fcaformer.train.state import list_states, load_latest_state
 from tests._train_helpers import make_image_folder, tiny_overrides
 from tests.conftest import shared_path
@@ -269,9 +271,23 @@ def test_eval_project_checkpoint_matches_training(trained_folder_run: tuple[Path
     assert report["top1"] == pytest.approx(results["val"]["top1"])
     assert report["images"] == 6 and set(report["per_class_acc"]) == {"tench", "springer"}
     assert (tmp_path / "confusion.png").is_file() and (tmp_path / "eval.json").is_file()
-    # without --data the training dataset recorded in the checkpoint is used
-    assert cli_main(["eval", str(out / "model.pt"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(results["val"]["top1"])
+    assert report["fast_path"] is True
+    # without --data the training dataset recorded in the checkpoint is used; --faithful skips the fusion
+    assert cli_main(["eval", str(out / "model.pt"), "--json", "--faithful"]) == 0
+    faithful = json.loads(capsys.readouterr().out)
+    assert faithful["fast_path"] is False and faithful["top1"] == pytest.approx(results["val"]["top1"])
+    assert faithful["loss"] == pytest.approx(report["loss"], rel=1e-5)
+
+
+def test_load_any_model_fuses_fcaformer_models_only(trained_folder_run: tuple[Path, Path]) -> None:
+    _, out = trained_folder_run
+    fast, faithful = load_any_model(out / "model.pt"), load_any_model(out / "model.pt", fast=False)
+    assert fast.fused and is_fused(fast.model) and not faithful.fused and not is_fused(faithful.model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = faithful.model(x)
+        assert ((fast.model(x) - ref).norm() / ref.norm()).item() < 1e-5
+    assert not load_any_model("resnet10t").fused  # not an FcaFormer: left as it is
 
 
 def test_eval_timm_name_restricts_imagenet_logits(trained_folder_run: tuple[Path, Path],

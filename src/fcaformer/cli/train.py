@@ -131,6 +131,9 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--output", "-o", help="folder for eval.json and confusion.png")
+    p.add_argument("--faithful", action="store_true",
+                   help="FcaFormer models: run the unfused computation that mirrors the release instead of the "
+                        "fast path (same outputs within 1e-5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run_eval)
 
@@ -149,7 +152,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..train.metrics import plot_confusion
 
     try:
-        loaded = load_any_model(args.model, args.weights, args.use_ema)
+        loaded = load_any_model(args.model, args.weights, args.use_ema, fast=not args.faithful)
         if args.data:
             data = DataConfig(dataset=args.dataset or _guess_dataset(args.data), root=args.data)
         elif loaded.train_config is not None:
@@ -177,7 +180,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report = {"model": loaded.source, "kind": loaded.kind, "img_size": dc["img_size"], **result.summary(),
+    report = {"model": loaded.source, "kind": loaded.kind, "fast_path": loaded.fused, "img_size": dc["img_size"],
+              **result.summary(),
               "per_class_acc": dict(zip(val.class_names, result.per_class_acc)),
               "class_names": val.class_names, "confusion": result.confusion,
               "restricted_to_dataset_classes": index_map is not None}
@@ -216,6 +220,9 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="state_dict file for a timm model name")
     p.add_argument("--topk", "-k", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p.add_argument("--faithful", action="store_true",
+                   help="FcaFormer models: run the unfused computation that mirrors the release instead of the "
+                        "fast path (same outputs within 1e-5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_predict)
 
@@ -229,7 +236,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     try:
         predictions = predict_images(args.model, args.images, topk=args.topk, device=args.device,
-                                     weights=args.weights)
+                                     weights=args.weights, fast=not args.faithful)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_official, load_state_dict_strict, read_checkpoint
+from ..fast import fast_attention_modules, fuse_model
 from ..io import PROJECT_FORMAT, load_model
 
 
@@ -28,6 +29,7 @@ class LoadedModel:
     class_ids: list[str] | None  # ImageNet synsets (wnids) for 1000-class models, to match ImageFolder wnids
     data_config: dict[str, Any]
     train_config: dict[str, Any] | None = None
+    fused: bool = False  # running fcaformer's fast inference path (fcaformer.fast.fuse_model)
 
 
 def _imagenet_names(num_classes: int) -> tuple[list[str], list[str] | None]:
@@ -45,13 +47,24 @@ def _timm_data_config(model: nn.Module) -> dict[str, Any]:
 
 
 def load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None = None,
-                   use_ema: bool = False) -> LoadedModel:
+                   use_ema: bool = False, fast: bool = True) -> LoadedModel:
     """Load ``source``: a project checkpoint (:func:`fcaformer.io.save_model`), an official release checkpoint
     (:func:`fcaformer.load_official`), or a timm model name (``weights``: an optional state_dict file for it).
+
+    With ``fast`` (default), FcaFormer models are fused in place (:func:`fcaformer.fast.fuse_model`: same outputs
+    within 1e-5, faster); ``fast=False`` keeps the faithful computation that mirrors the release.
 
     Raises:
         CheckpointError / FileNotFoundError: with a message naming the file and what was expected.
     """
+    loaded = _load_any_model(source, weights, use_ema)
+    if fast and fast_attention_modules(loaded.model):
+        fuse_model(loaded.model, inplace=True)
+        loaded.fused = True
+    return loaded
+
+
+def _load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None, use_ema: bool) -> LoadedModel:
     import fcaformer  # noqa: F401  (registers the models)
 
     path = Path(source)

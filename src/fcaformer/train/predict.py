@@ -18,15 +18,17 @@ from .inference import load_any_model
 @torch.no_grad()
 def predict_images(model_source: str | os.PathLike, images: Sequence[str | os.PathLike], topk: int = 5,
                    device: str = "auto", weights: str | os.PathLike | None = None,
-                   batch_size: int = 32) -> list[dict[str, Any]]:
+                   batch_size: int = 32, fast: bool = True) -> list[dict[str, Any]]:
     """``[{"image": path, "top": [{"index", "label", "prob"}, ...]}, ...]`` in input order.
+
+    ``fast``: run FcaFormer models on the fused fast path (outputs equal the faithful path's within 1e-5).
 
     Raises:
         FileNotFoundError / ValueError: a missing or unreadable image, named.
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    loaded = load_any_model(model_source, weights)
+    loaded = load_any_model(model_source, weights, fast=fast)
     dc = loaded.data_config
     transform = build_eval_transform(dc["img_size"], dc["crop_pct"], dc["interpolation"], dc["mean"], dc["std"])
     dev = resolve_device(device)
