@@ -16,11 +16,13 @@ All of this is reached through timm's ``reparameterize_model`` too: the layers e
 ``reparameterize()`` and timm calls them. Forward hooks on ``FcaAttention.attn_probe`` keep working: while one
 is registered the fast attention computes explicit probabilities and passes them through the probe.
 
-:func:`set_fast_attention` only switches the attention (no folding), which also speeds up training.
+:func:`set_fast_attention` only switches the attention (no folding); it also works for training (same
+gradients, without the release's unused cross-token query), where it is about as fast as the faithful path.
 
 :func:`tune_cpu_allocator` is the other CPU-side half of the speed: glibc hands the multi-megabyte activation
 buffers of the early stages back to the kernel after every forward and takes page faults to get them again
-(3072 faults per L1 forward at batch 1, about 15 % of its latency on the project's 2-core machine).
+(about 3,100 faults per L1 forward at batch 1; tuning saves 11 % of the latency there and 25 % at batch 32 on
+the project's 2-core machine, see ``docs/allocator.md``).
 """
 
 from __future__ import annotations

@@ -427,9 +427,10 @@ class FcaBlock(nn.Module):
         if feature_map.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # oneDNN's bf16 depthwise weight gradient leaves kernel taps that only ever see padding unwritten
             # (stale memory, often NaN); that happens on grids of 4 tokens or fewer on a side, where some taps of
-            # the 7x7 stride-4 kernel see no input. The merge is well under 0.1 % of the MACs: run it in fp32.
+            # the 7x7 stride-4 kernel see no input. The merge is well under 0.1 % of the MACs: run it outside
+            # autocast, in the weights' dtype (fp32 for autocast training).
             with torch.autocast("cpu", enabled=False):
-                return self.merge(feature_map.float())
+                return self.merge(feature_map.to(self.merge.weight.dtype))
         return self.merge(feature_map)
 
 
