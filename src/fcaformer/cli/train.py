@@ -112,6 +112,12 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_faithful_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--faithful", action="store_true",
+                        help="FcaFormer models: run the unfused computation that mirrors the release instead of "
+                             "the fast path (same outputs within 1e-5)")
+
+
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint or timm model: top-1/5, loss, images/s, per-class, confusion",
@@ -131,9 +137,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--output", "-o", help="folder for eval.json and confusion.png")
-    p.add_argument("--faithful", action="store_true",
-                   help="FcaFormer models: run the unfused computation that mirrors the release instead of the "
-                        "fast path (same outputs within 1e-5)")
+    _add_faithful_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run_eval)
 
@@ -220,9 +224,7 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="state_dict file for a timm model name")
     p.add_argument("--topk", "-k", type=int, default=5)
     p.add_argument("--device", default="auto")
-    p.add_argument("--faithful", action="store_true",
-                   help="FcaFormer models: run the unfused computation that mirrors the release instead of the "
-                        "fast path (same outputs within 1e-5)")
+    _add_faithful_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_predict)
 
