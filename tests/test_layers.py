@@ -8,8 +8,15 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fcaformer.layers import FcaBlock, FcaStage, relative_position_index, resize_grid_values
+from fcaformer.layers import (
+    FcaBlock,
+    FcaStage,
+    StridedDepthwiseConv2d,
+    relative_position_index,
+    resize_grid_values,
+)
 from fcaformer.layers.fca import cross_grid_size
 
 SMALL = dict(dims=(16, 32, 64, 96), depths=(1, 1, 4, 2), num_heads=(2, 3))
@@ -188,24 +195,37 @@ def test_bad_input_raises_value_error(name: str, x: torch.Tensor, message: str) 
         model(x)
 
 
-def test_merge_weight_gradient_is_exact_under_cpu_bf16_autocast_on_tiny_grids() -> None:
-    # On a 2x2 grid most taps of the 7x7 stride-4 merge kernel see only padding; oneDNN's bf16 depthwise weight
-    # gradient leaves those unwritten (stale memory). Poison the allocator with NaNs first, then the gradient must
-    # still equal the fp32 one (the block runs the merge in fp32 under CPU autocast).
-    torch.manual_seed(0)
-    block = FcaBlock(32, 1, (2, 2), emits_cross=True)
-    tokens = torch.randn(8, 4, 32)
-    for size in (32 * 49, 32 * 49 * 2, 8 * 32 * 4, 4096):
+def _poison_allocator() -> None:
+    for size in (32 * 49, 32 * 49 * 2, 8 * 32 * 4, 4096, 1 << 14, 1 << 16):
         for dtype in (torch.float32, torch.bfloat16):
             del_me = torch.full((size,), float("nan"), dtype=dtype)
             del del_me
-    feature_map = tokens.transpose(1, 2).reshape(8, 32, 2, 2)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "size"), [(7, 4, 2), (3, 2, 1), (3, 2, 2)])
+def test_strided_depthwise_weight_gradient_is_exact_under_cpu_bf16_autocast(kernel: int, stride: int,
+                                                                           size: int) -> None:
+    # On maps this small some taps see only padding; oneDNN's bf16 strided depthwise weight gradient leaves those
+    # unwritten (stale memory: with the allocator poisoned by NaNs, the 3x3 stride-2 conv of a 1x1 map gets NaN
+    # every time). StridedDepthwiseConv2d keeps full precision under CPU autocast, so it equals the fp32 gradient.
+    torch.manual_seed(0)
+    conv = StridedDepthwiseConv2d(32, 32, kernel, stride, kernel // 2, groups=32, bias=False)
+    feature_map = torch.randn(8, size * size, 32).transpose(1, 2).reshape(8, 32, size, size)
+    _poison_allocator()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        merged = block._merge(feature_map)
-    assert merged.dtype == torch.float32
-    merged.square().sum().backward()
-    grad = block.merge.weight.grad.clone()
-    block.merge.weight.grad = None
-    F.conv2d(feature_map, block.merge.weight, stride=4, padding=3, groups=32).square().sum().backward()
+        out = conv(feature_map)
+    assert out.dtype == torch.float32
+    out.square().sum().backward()
+    grad = conv.weight.grad.clone()
+    conv.weight.grad = None
+    F.conv2d(feature_map, conv.weight, stride=stride, padding=kernel // 2, groups=32).square().sum().backward()
     assert torch.isfinite(grad).all()
-    torch.testing.assert_close(grad, block.merge.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, conv.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_every_strided_depthwise_conv_of_the_models_keeps_full_precision() -> None:
+    model = timm.create_model("fcaformer_l1")
+    strided_depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1 and m.stride[0] > 1]
+    # three downsamples, then the merges of every block but the last: 5 of stage 3's 6 blocks, 1 of stage 4's 2
+    assert len(strided_depthwise) == 3 + 5 + 1
+    assert all(isinstance(m, StridedDepthwiseConv2d) for m in strided_depthwise)

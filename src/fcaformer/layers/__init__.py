@@ -1,6 +1,6 @@
 """Building blocks: conv pieces and forward-cross-attention layers that work on any token grid."""
 
-from .conv import ConvBN, Downsample, Stem, conv_out_size
+from .conv import ConvBN, Downsample, Stem, StridedDepthwiseConv2d, conv_out_size
 from .fca import (
     LSF_PLACEMENTS,
     FcaAttention,
@@ -23,6 +23,7 @@ __all__ = [
     "FcaStage",
     "LsfPlacement",
     "Stem",
+    "StridedDepthwiseConv2d",
     "conv_out_size",
     "cross_grid_size",
     "relative_position_index",

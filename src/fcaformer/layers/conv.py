@@ -6,6 +6,22 @@ import torch
 from torch import nn
 
 
+class StridedDepthwiseConv2d(nn.Conv2d):
+    """A strided depthwise ``Conv2d`` that runs outside CPU autocast, in its weights' dtype.
+
+    oneDNN's bf16 weight gradient of strided depthwise convs can leave the kernel taps that only ever see padding
+    unwritten (stale memory: often NaN, possibly wrong finite values) when the map is only a few pixels across,
+    e.g. the stride-4 cross-token merge of a 2x2 grid or a stride-2 downsample of a 1x1 map. These convs are a
+    tiny share of the MACs, so under CPU autocast they keep full precision. Same parameters as ``nn.Conv2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.to(self.weight.dtype))
+        return super().forward(x)
+
+
 class ConvBN(nn.Sequential):
     """A bias-free ``Conv2d`` followed by ``BatchNorm2d`` (eps 1e-5).
 
@@ -22,7 +38,8 @@ class ConvBN(nn.Sequential):
         groups: int = 1,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        conv = StridedDepthwiseConv2d if groups > 1 and stride > 1 else nn.Conv2d
+        self.conv = conv(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from timm.layers import DropPath, LayerScale
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .conv import ConvBN
+from .conv import ConvBN, StridedDepthwiseConv2d
 
 LsfPlacement = Literal["release", "post_norm", "none"]
 LSF_PLACEMENTS: tuple[str, ...] = ("release", "post_norm", "none")
@@ -351,7 +351,7 @@ class FcaBlock(nn.Module):
         )
         self.ls1 = LayerScale(dim, ls_init_value) if ls_init_value else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.merge = nn.Conv2d(dim, dim, 7, 4, 3, groups=dim, bias=False) if emits_cross else None
+        self.merge = StridedDepthwiseConv2d(dim, dim, 7, 4, 3, groups=dim, bias=False) if emits_cross else None
         self.enhance = ConvBN(dim, dim, 3, groups=dim) if enhance else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = FcaMlp(dim, int(dim * mlp_ratio), norm_eps, proj_drop)
@@ -416,22 +416,12 @@ class FcaBlock(nn.Module):
         prefix, tokens = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         batch, _, channels = tokens.shape
         feature_map = tokens.transpose(1, 2).reshape(batch, channels, grid[0], grid[1])
-        new_cross = self._merge(feature_map).flatten(2).transpose(1, 2) if self.merge is not None else None
+        new_cross = self.merge(feature_map).flatten(2).transpose(1, 2) if self.merge is not None else None
         tokens = self.enhance(feature_map).flatten(2).transpose(1, 2)
         x = torch.cat((prefix, tokens), dim=1) if self.num_prefix_tokens else tokens
 
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, new_cross
-
-    def _merge(self, feature_map: torch.Tensor) -> torch.Tensor:
-        if feature_map.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # oneDNN's bf16 depthwise weight gradient leaves kernel taps that only ever see padding unwritten
-            # (stale memory, often NaN); that happens on grids of 4 tokens or fewer on a side, where some taps of
-            # the 7x7 stride-4 kernel see no input. The merge is well under 0.1 % of the MACs: run it outside
-            # autocast, in the weights' dtype (fp32 for autocast training).
-            with torch.autocast("cpu", enabled=False):
-                return self.merge(feature_map.to(self.merge.weight.dtype))
-        return self.merge(feature_map)
 
 
 class FcaStage(nn.Module):
