@@ -51,8 +51,8 @@ def add_common_train_args(parser: argparse.ArgumentParser, batch_size: int) -> N
 
 
 def common_train_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Config fields (as ``DetectTrainConfig`` / ``SegmentTrainConfig`` name them) from the options of
-    :func:`add_common_train_args`."""
+    """The :class:`~fcaformer.detection.training.DenseTrainConfig` fields (shared by detection and segmentation)
+    from the options of :func:`add_common_train_args`."""
     return dict(
         out_dir=args.out, variant=args.model, backbone_kwargs=args.backbone_kwargs,
         backbone_weights=args.backbone_weights, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,

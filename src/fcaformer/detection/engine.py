@@ -26,40 +26,23 @@ from tqdm import tqdm
 from ..io import atomic_json_dump, atomic_write
 from .data import CocoDetection, collate
 from .model import build_detector
-from .training import load_task_model, train_dense_task
+from .training import DenseTrainConfig, load_task_model, train_dense_task
 
 log = logging.getLogger(__name__)
 TASK = "detection"
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-@dataclass
-class DetectTrainConfig:
-    """Everything ``fcaformer detect train`` needs; stored in the checkpoints."""
+@dataclass(kw_only=True)
+class DetectTrainConfig(DenseTrainConfig):
+    """Everything ``fcaformer detect train`` needs (keywords only); stored in the checkpoints."""
 
     data_root: str
     ann_file: str
-    out_dir: str
     arch: str = "mask_rcnn"
-    variant: str = "fcaformer_l2"
-    backbone_mode: str = "windowed"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    backbone_weights: str | None = None
     detector_kwargs: dict[str, Any] = field(default_factory=dict)
     min_size: tuple[int, ...] = (800,)
     max_size: int = 1333
-    iterations: int = 1000
-    batch_size: int = 2
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    layer_decay: float = 0.95
-    warmup_iters: int = 50
-    clip_grad: float | None = None
-    checkpoint_every: int = 100
-    resume: bool = False
-    workers: int = 2
-    seed: int = 0
-    device: str | None = None
     val_root: str | None = None
     val_ann_file: str | None = None
 

@@ -8,9 +8,9 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -224,24 +224,28 @@ def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 # ------------------------------------------------------------------------------------------------- drivers
-class DenseTrainConfig(Protocol):
-    """The fields :func:`train_dense_task` reads; ``DetectTrainConfig`` and ``SegmentTrainConfig`` (dataclasses,
-    stored whole in the checkpoints) have them."""
+@dataclass(kw_only=True)
+class DenseTrainConfig:
+    """The training knobs shared by ``DetectTrainConfig`` and ``SegmentTrainConfig`` (which add their data and
+    model fields; all are stored whole in the checkpoints) and read by :func:`train_dense_task`."""
 
     out_dir: str
-    backbone_weights: str | None
-    iterations: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    layer_decay: float
-    warmup_iters: int
-    clip_grad: float | None
-    checkpoint_every: int
-    resume: bool
-    workers: int
-    seed: int
-    device: str | None
+    variant: str = "fcaformer_l2"
+    backbone_mode: str = "windowed"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str | None = None
+    iterations: int = 1000
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    layer_decay: float = 0.95
+    warmup_iters: int = 50
+    clip_grad: float | None = None
+    checkpoint_every: int = 100
+    resume: bool = False
+    workers: int = 2
+    seed: int = 0
+    device: str | None = None
 
 
 def train_dense_task(

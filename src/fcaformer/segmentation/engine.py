@@ -6,7 +6,7 @@ import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm import tqdm
 
 from ..detection.engine import read_image
-from ..detection.training import load_task_model, train_dense_task
+from ..detection.training import DenseTrainConfig, load_task_model, train_dense_task
 from ..io import atomic_write
 from .data import IGNORE_INDEX, SegmentationFolder, normalize
 from .model import SIZE_DIVISOR, segment_logits, segmentor_trunk, upernet
@@ -28,36 +28,20 @@ log = logging.getLogger(__name__)
 TASK = "segmentation"
 
 
-@dataclass
-class SegmentTrainConfig:
-    """Everything ``fcaformer segment train`` needs; stored in the checkpoints."""
+@dataclass(kw_only=True)
+class SegmentTrainConfig(DenseTrainConfig):
+    """Everything ``fcaformer segment train`` needs (keywords only); stored in the checkpoints."""
 
     img_dir: str
     ann_dir: str
-    out_dir: str
     num_classes: int
-    variant: str = "fcaformer_l2"
-    backbone_mode: str = "windowed"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    backbone_weights: str | None = None
     decoder_channels: int = 512
     decoder_norm: str = "batchnorm"
     reduce_zero_label: bool = False
     crop_size: tuple[int, int] = (512, 512)
     base_size: int = 512
     scale_range: tuple[float, float] | None = (0.5, 2.0)
-    iterations: int = 1000
     batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    layer_decay: float = 0.95
-    warmup_iters: int = 50
-    clip_grad: float | None = None
-    checkpoint_every: int = 100
-    resume: bool = False
-    workers: int = 2
-    seed: int = 0
-    device: str | None = None
     class_names: list[str] | None = None
     val_img_dir: str | None = None
     val_ann_dir: str | None = None
