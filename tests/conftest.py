@@ -30,3 +30,26 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic_seed() -> None:
     torch.manual_seed(0)
+
+
+TEST_DEVICE = os.environ.get("FCAFORMER_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of the device-parametrised tests (``tests/test_device.py``): ``$FCAFORMER_TEST_DEVICE``, default
+    ``cpu``; ``FCAFORMER_TEST_DEVICE=cuda`` runs them on a GPU."""
+    chosen = torch.device(TEST_DEVICE)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"FCAFORMER_TEST_DEVICE={TEST_DEVICE} but torch {torch.__version__} sees no CUDA GPU")
+    return chosen
+
+
+@pytest.fixture()
+def exact_fp32():
+    """fp32 without TF32: cuDNN rounds fp32 convolution inputs to TF32 (10-bit mantissa) by default, which would
+    hide 1e-5 comparisons behind 1e-3 rounding."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -50,11 +50,14 @@ def fast_attention_modules(model: nn.Module) -> list[FcaAttention]:
     return [module for module in model.modules() if isinstance(module, FcaAttention)]
 
 
-def set_fast_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
+def set_fast_attention(model: nn.Module, enabled: bool = True, sdpa_bias_grad: bool = False) -> nn.Module:
     """Switch every Fca attention of ``model`` (in place) to the SDPA path, or back to the faithful one.
 
     Unlike :func:`fuse_model` this keeps all parameters as they are, so it can be used for training: the
     biases are then rebuilt (differentiably) on every forward, the cache is only used without gradients.
+    While the bias needs a gradient, attention is computed explicitly (without the release's unused cross-token
+    query), unless ``sdpa_bias_grad`` is set and the model runs on CUDA: then SDPA's memory-efficient kernel
+    also computes the bias gradient (no attention matrix kept for backward).
 
     Raises:
         ValueError: if ``model`` has no Fca attention at all (probably not an FcaFormer).
@@ -64,6 +67,7 @@ def set_fast_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
         raise ValueError(f"{type(model).__name__} has no FcaAttention layers; pass an FcaFormer model")
     for module in modules:
         module.fast = enabled
+        module.sdpa_bias_grad = sdpa_bias_grad
         module.clear_bias_cache()
     return model
 

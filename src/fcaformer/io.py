@@ -68,19 +68,59 @@ def model_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, 
 
 
 def save_model(
-    path: str | os.PathLike, model: nn.Module, model_name: str, model_kwargs: dict[str, Any], **extra: Any
+    path: str | os.PathLike, model: nn.Module, model_name: str, model_kwargs: dict[str, Any],
+    dtype: torch.dtype | None = None, **extra: Any
 ) -> Path:
-    """Atomically save a :func:`model_checkpoint`."""
-    return atomic_torch_save(model_checkpoint(model, model_name, model_kwargs, **extra), path)
+    """Atomically save a :func:`model_checkpoint`.
+
+    A ``.safetensors`` path writes the tensors (floating ones cast to ``dtype`` when given, e.g. ``torch.float16``
+    for half the size) with the rest as JSON metadata; :func:`load_model` reads both forms.
+    """
+    checkpoint = model_checkpoint(model, model_name, model_kwargs, **extra)
+    if Path(path).suffix != ".safetensors":
+        return atomic_torch_save(checkpoint, path)
+    from safetensors.torch import save
+
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+               for k, v in checkpoint.pop("state_dict").items()}
+    metadata = {key: json.dumps(value) for key, value in checkpoint.items()}
+    return atomic_write(path, lambda handle: handle.write(save(tensors, metadata)))
+
+
+def read_model_file(path: str | os.PathLike) -> Any:
+    """The content of a checkpoint file: a ``.safetensors`` file as a project checkpoint dict (its tensors under
+    ``state_dict``, its metadata decoded), anything else through :func:`fcaformer.checkpoint.read_checkpoint`."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return _read_safetensors_checkpoint(path)
+    return read_checkpoint(path)
+
+
+def _read_safetensors_checkpoint(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state_dict = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path} as a safetensors file (truncated or corrupt?): {error}") from error
+    try:
+        raw = {key: json.loads(value) for key, value in metadata.items()}
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: metadata is not an fcaformer checkpoint's ({error})") from error
+    return {**raw, "state_dict": state_dict}
 
 
 def load_model(checkpoint: str | os.PathLike | dict[str, Any], **overrides: Any) -> tuple[nn.Module, dict]:
-    """Rebuild and load a model saved with :func:`save_model`; returns ``(model in eval mode, checkpoint)``.
+    """Rebuild and load a model saved with :func:`save_model` (``.pt`` or ``.safetensors``); returns ``(model in
+    eval mode, checkpoint)``.
 
     ``overrides`` change constructor arguments, not the architecture (``img_size`` or ``window_size`` resize the
     grid-sized parameters). Loading is all-or-nothing.
     """
-    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    raw = read_model_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if not isinstance(raw, dict) or raw.get("format") != PROJECT_FORMAT:
         raise CheckpointError(
             f"not an fcaformer project checkpoint (no format={PROJECT_FORMAT!r}); "

@@ -15,8 +15,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from ..checkpoint import CheckpointError, load_official, read_checkpoint
-from ..io import PROJECT_FORMAT, load_model
+from ..checkpoint import CheckpointError, load_official
+from ..io import PROJECT_FORMAT, load_model, read_model_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -76,7 +76,7 @@ def load_analysis_model(source: str | os.PathLike, **overrides: Any) -> LoadedMo
     text = str(source)
     path = Path(text)
     if path.exists():
-        raw = read_checkpoint(path)
+        raw = read_model_file(path)
         if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
             model, checkpoint = load_model(raw, **overrides)
             kwargs = checkpoint.get("model_kwargs", {})

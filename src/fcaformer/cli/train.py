@@ -18,8 +18,9 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", "-c", default=None,
                    help="preset name (default, imagenet, imagenette, repro) or YAML file (default: 'default', or "
                         "'imagenette' when --data is given)")
-    p.add_argument("--data", help="dataset root: an ImageFolder tree (root/train, root/val) or a CIFAR folder")
-    p.add_argument("--dataset", choices=["digits", "imagefolder", "cifar10", "cifar100"],
+    p.add_argument("--data", help="dataset root: an ImageFolder tree (root/train, root/val), a CIFAR folder or a "
+                                  "packed .npz file (fcaformer pack)")
+    p.add_argument("--dataset", choices=["digits", "imagefolder", "cifar10", "cifar100", "packed"],
                    help="dataset type (default: from the config, or guessed from --data)")
     p.add_argument("--model", help="timm model name, e.g. fcaformer_l1")
     p.add_argument("--epochs", type=int)
@@ -50,6 +51,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 def _guess_dataset(root: str) -> str:
     path = Path(root)
+    if path.suffix == ".npz":
+        return "packed"
     if (path / "cifar-10-batches-py").is_dir():
         return "cifar10"
     if (path / "cifar-100-python").is_dir():

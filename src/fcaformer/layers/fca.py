@@ -119,6 +119,9 @@ class FcaAttention(nn.Module):
         self.attn_probe = nn.Identity()
         # Fast path (see fcaformer.fast): off by default, so the faithful computation runs unless asked for.
         self.fast = False
+        # Fast path in training on CUDA: SDPA also when the bias needs a gradient (the memory-efficient kernel
+        # computes it) instead of explicit attention. Opt-in, see fcaformer.fast.set_fast_attention.
+        self.sdpa_bias_grad = False
         self._bias_cache: dict[tuple, torch.Tensor] = {}
         # A module-level hook (it gets the module as an argument) so that deep copies clear their own cache.
         self.register_load_state_dict_pre_hook(_clear_bias_cache_hook)
@@ -255,7 +258,8 @@ class FcaAttention(nn.Module):
             )
             k = torch.cat((k, k_cross), dim=2)
             v = torch.cat((v, v_cross), dim=2)
-        if self.attn_probe._forward_hooks or self.attn_probe._forward_pre_hooks or bias_needs_grad:
+        explicit_for_grad = bias_needs_grad and not (self.sdpa_bias_grad and x.device.type == "cuda")
+        if self.attn_probe._forward_hooks or self.attn_probe._forward_pre_hooks or explicit_for_grad:
             # Analysis hooks need the probabilities themselves. And with a bias that needs a gradient, PyTorch's
             # CPU SDPA falls back to a slower unfused kernel than these three ops (measured on L1 training).
             logits = (q * self.scale) @ k.transpose(-2, -1)

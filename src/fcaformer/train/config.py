@@ -39,7 +39,11 @@ class DataConfig:
 
     ``dataset``: ``digits`` (scikit-learn's handwritten digits, the embedded default), ``imagefolder``
     (``root/train`` + ``root/val``, or ``root`` split by ``val_split``), ``cifar10`` / ``cifar100``
-    (torchvision's on-disk format under ``root``).
+    (torchvision's on-disk format under ``root``), ``packed`` (a ``.npz`` file written by ``fcaformer pack``).
+
+    ``on_device``: decode the dataset once into a uint8 tensor on the training device (at ``store_size``,
+    default ``floor(img_size / crop_pct)``) and augment batches there instead of in loader workers (see
+    :mod:`fcaformer.train.device_data`; for datasets that fit in device memory).
     """
 
     dataset: str = "digits"
@@ -58,6 +62,8 @@ class DataConfig:
     verify_images: bool = True
     cache: bool = False
     class_names_file: str | None = "classes.json"
+    on_device: bool = False
+    store_size: int | None = None
 
 
 @dataclass
@@ -121,6 +127,9 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     max_steps: int | None = None
+    # Check the loss for NaN/inf (and refresh the progress bar) every N batches: each check waits for the GPU.
+    log_every: int = 1
+    ckpt_every_epochs: int = 1
 
 
 @dataclass
@@ -149,6 +158,10 @@ class TrainConfig:
             (self.run.batch_size >= 1, f"run.batch_size={self.run.batch_size} must be >= 1"),
             (self.optim.accum_steps >= 1, f"optim.accum_steps={self.optim.accum_steps} must be >= 1"),
             (self.run.amp in ("none", "bf16", "fp16"), f"run.amp={self.run.amp!r}; choose none, bf16 or fp16"),
+            (self.run.log_every >= 1, f"run.log_every={self.run.log_every} must be >= 1"),
+            (self.run.ckpt_every_epochs >= 1, f"run.ckpt_every_epochs={self.run.ckpt_every_epochs} must be >= 1"),
+            (self.data.store_size is None or self.data.store_size >= self.data.img_size,
+             f"data.store_size={self.data.store_size} must be >= data.img_size={self.data.img_size}"),
             (self.run.keep_ckpts >= 2, f"run.keep_ckpts={self.run.keep_ckpts} must be >= 2 (fallback needs one)"),
             (self.optim.lr > 0, f"optim.lr={self.optim.lr} must be > 0"),
         ]
@@ -158,7 +171,7 @@ class TrainConfig:
         return self
 
 
-DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
+DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "packed")
 SECTIONS = {f.name: f.type for f in fields(TrainConfig)}
 
 

@@ -1,7 +1,8 @@
 """Datasets, transforms and resumable loaders.
 
 Sources: scikit-learn's handwritten digits (the embedded default: real scans shipped in a PyPI package, no
-download), ImageFolder trees (ImageNet layout) and CIFAR-10/100 in torchvision's on-disk format.
+download), ImageFolder trees (ImageNet layout), CIFAR-10/100 in torchvision's on-disk format and packed datasets
+(one ``.npz`` file, see :mod:`.device_data`).
 Transforms are timm's (``create_transform``). Every training sample is augmented under its own seed, a function
 of (run seed, epoch, index), so a run resumed mid-epoch sees exactly the augmentations of an uninterrupted one,
 whatever the number of loader workers.
@@ -262,6 +263,14 @@ def _load_image_lists(cfg: DataConfig) -> tuple[ImageList, ImageList]:
         train, val = load_digits_images(max(32, cfg.img_size))
     elif cfg.dataset in ("cifar10", "cifar100"):
         train, val = _cifar(cfg)
+    elif cfg.dataset == "packed":
+        from .device_data import load_pack
+
+        train = load_pack(cfg.root, cfg.train_dir)
+        if cfg.val_split > 0:
+            train, val = _split(train, cfg.val_split)
+        else:
+            val = load_pack(cfg.root, cfg.val_dir)
     elif cfg.dataset == "imagefolder":
         root = Path(cfg.root)
         if not root.is_dir():

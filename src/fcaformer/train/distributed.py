@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place in the job and its device."""
+    """This process's place in the job and its device; ``distributed``: in a process group (under torchrun)."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    distributed: bool = False
 
     @property
     def is_main(self) -> bool:
         """Only the main process (rank 0) writes files and shows progress."""
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -43,14 +43,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1), else run single-process."""
+    """Join the process group when launched by ``torchrun`` (any number of processes, one included: the job then
+    runs DDP exactly as it would on more), else run single-process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world_size, local_rank, device)
+    return DistInfo(rank, world_size, local_rank, device, distributed=dist.is_available() and dist.is_initialized())
 
 
 def all_true(flag: bool, device: torch.device) -> bool:
@@ -79,3 +81,38 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _same_layout(shape: torch.Size, strides_a: tuple[int, ...], strides_b: tuple[int, ...]) -> bool:
+    """Whether two stride tuples address the same elements of a tensor of ``shape`` (they may differ only in
+    dimensions of size 1, whose stride is never used)."""
+    return all(size == 1 or a == b for size, a, b in zip(shape, strides_a, strides_b))
+
+
+def align_parameter_strides(model: nn.Module, example: torch.Tensor,
+                            context: AbstractContextManager | None = None) -> int:
+    """Give each parameter the strides its gradient will have, where both describe the same memory layout.
+
+    A backward kernel may return a gradient whose strides differ from its parameter's only in dimensions of size 1:
+    a depthwise conv weight ``(C, 1, k, k)`` fed channels-last activations gets strides ``(k*k, 1, k, 1)``
+    against the parameter's ``(k*k, k*k, k, 1)``. autograd keeps such a gradient as it is, but DDP compares
+    strides exactly, warns "Grad strides do not match bucket view strides" and copies the gradient into its
+    bucket on every step. One backward pass of ``example`` through a copy of the model (under ``context``, e.g.
+    the training autocast) shows each gradient's strides; matching parameters are re-strided in place (same
+    memory, same values, same Parameter objects). Returns how many were changed.
+    """
+    probe = copy.deepcopy(model).train()
+    with context or nullcontext():
+        output = probe(example)
+    outputs = output if isinstance(output, (list, tuple)) else [output]
+    sum(out.float().sum() for out in outputs).backward()
+    changed = 0
+    with torch.no_grad():
+        for param, probed in zip(model.parameters(), probe.parameters()):
+            grad = probed.grad
+            if grad is None or grad.stride() == param.stride() or grad.shape != param.shape:
+                continue
+            if _same_layout(param.shape, grad.stride(), param.stride()):
+                param.data = param.data.as_strided(param.shape, grad.stride())
+                changed += 1
+    return changed

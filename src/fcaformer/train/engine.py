@@ -32,6 +32,7 @@ from ..profile import count_macs, count_params
 from .config import TrainConfig, config_from_dict
 from .data import (
     ImageDataset,
+    ImageList,
     ResumableSampler,
     build_transforms,
     eval_loader,
@@ -39,7 +40,8 @@ from .data import (
     sample_seed,
     train_loader,
 )
-from .distributed import DistInfo, all_true, barrier, init_distributed, mean_over_ranks
+from .device_data import DeviceAugment, DeviceEvalLoader, DeviceSplit, DeviceTrainLoader
+from .distributed import DistInfo, align_parameter_strides, all_true, barrier, init_distributed, mean_over_ranks
 from .evaluate import EvalResult, autocast, evaluate
 from .metrics import plot_confusion, plot_curves, write_jsonl
 from .state import load_latest_state, rng_state, save_state, set_rng_state
@@ -114,9 +116,7 @@ class Trainer:
         self.class_names = train_list.class_names
         self.skipped = sorted(set(train_list.skipped) | set(val_list.skipped))
         self.num_classes = len(self.class_names)
-        train_tf, eval_tf = build_transforms(config)
-        self.train_set = ImageDataset(train_list, train_tf)
-        self.val_set = ImageDataset(val_list, eval_tf)
+        self.train_set, self.val_set = self._datasets(train_list, val_list)
 
         self.model, self.model_kwargs = build_model(config, self.num_classes)
         self.params = count_params(self.model)
@@ -128,11 +128,7 @@ class Trainer:
             set_fast_attention(self.model)
         self.ema = ModelEmaV3(self.model, decay=config.optim.ema_decay) if config.optim.ema else None
 
-        self.sampler = ResumableSampler(self.train_set, run.batch_size, rank=self.dist.rank,
-                                        world_size=self.dist.world_size, seed=run.seed)
-        self.loader = train_loader(self.train_set, self.sampler, run.batch_size, config.data.workers)
-        self.val_loader = eval_loader(self.val_set, run.batch_size, config.data.workers, self.dist.rank,
-                                      self.dist.world_size)
+        self._build_loaders()
         self.batches_per_epoch = self.sampler.batches_per_epoch()
         if self.batches_per_epoch < config.optim.accum_steps:
             raise ValueError(
@@ -167,8 +163,11 @@ class Trainer:
 
         self.train_model: nn.Module = self.model
         if self.dist.distributed:
+            align_parameter_strides(self.model, self._example_batch(), autocast(self.device, run.amp))
+            # Gradients live in DDP's buckets: no copy between them and .grad on every step.
             self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
             )
         if run.compile:
             self.train_model = torch.compile(self.train_model)
@@ -185,6 +184,39 @@ class Trainer:
                 raise RuntimeError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") \
                     from error
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
+
+    # ---------------------------------------------------------------------------------------------- data
+    def _datasets(self, train_list: ImageList, val_list: ImageList) -> tuple[Any, Any]:
+        """Worker-path datasets (PIL + timm transforms), or the splits decoded onto the device."""
+        d = self.config.data
+        if d.on_device:
+            store = d.store_size or int(math.floor(d.img_size / d.crop_pct))
+            return (DeviceSplit.from_image_list(train_list, store, self.device),
+                    DeviceSplit.from_image_list(val_list, store, self.device))
+        train_tf, eval_tf = build_transforms(self.config)
+        return ImageDataset(train_list, train_tf), ImageDataset(val_list, eval_tf)
+
+    def _build_loaders(self) -> None:
+        """``self.sampler`` (set_epoch, batches_per_epoch), ``self.loader`` and ``self.val_loader``."""
+        d, a, run = self.config.data, self.config.aug, self.config.run
+        rank, world = self.dist.rank, self.dist.world_size
+        if d.on_device:
+            augment = DeviceAugment(d.img_size, a.scale, hflip=a.hflip, color_jitter=a.color_jitter, mean=d.mean,
+                                    std=d.std)
+            self.sampler = self.loader = DeviceTrainLoader(self.train_set, augment, run.batch_size, rank=rank,
+                                                           world_size=world, seed=run.seed)
+            self.val_loader = DeviceEvalLoader(self.val_set, run.batch_size, d.img_size, d.crop_pct, d.mean, d.std,
+                                               rank=rank, world_size=world)
+            return
+        self.sampler = ResumableSampler(self.train_set, run.batch_size, rank=rank, world_size=world, seed=run.seed)
+        self.loader = train_loader(self.train_set, self.sampler, run.batch_size, d.workers)
+        self.val_loader = eval_loader(self.val_set, run.batch_size, d.workers, rank, world)
+
+    def _example_batch(self) -> torch.Tensor:
+        """Two training-size images on the device, in the training memory format."""
+        size = self.config.data.img_size
+        images = torch.zeros(2, 3, size, size, device=self.device)
+        return images.contiguous(memory_format=torch.channels_last) if self.config.run.channels_last else images
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
@@ -245,8 +277,9 @@ class Trainer:
         cfg, accum = self.config, self.config.optim.accum_steps
         self.train_model.train()
         self.sampler.set_epoch(epoch, self.pos.batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, seen, start = 0.0, 0, time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=not self.dist.distributed)
+        pending: list[torch.Tensor] = []  # losses not yet checked: each check waits for the device
+        loss_sum, last_loss, seen, start = 0.0, float("nan"), 0, time.perf_counter()
         for index, (images, targets) in enumerate(self.loader, start=self.pos.batch):
             # One seed per batch (and rank): drop-path and Mixup draws are a function of the position.
             seed_everything(sample_seed(cfg.run.seed + 7_777 * self.dist.rank, epoch, index))
@@ -260,28 +293,30 @@ class Trainer:
             with ddp_sync:
                 with autocast(self.device, cfg.run.amp):
                     loss = self.criterion(self.train_model(images), targets)
-                if not all_true(bool(torch.isfinite(loss.detach()).item()), self.device):
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at epoch {epoch}, batch {index} (step {self.pos.step}); stopping. "
-                        f"The last good checkpoint in {self.out / 'checkpoints'} is intact: lower optim.lr, set "
-                        "optim.clip_grad, or use run.amp=none, then resume or restart"
-                    )
+                pending.append(loss.detach())
+                if len(pending) >= cfg.run.log_every:  # every batch by default: before its backward
+                    total, last_loss = self._check_losses(pending, epoch, index)
+                    loss_sum += total * len(images)
                 self.scaler.scale(loss / accum).backward()
-            loss_sum += loss.item() * len(images)
             seen += len(images)
             if sync:
                 self._optimizer_step()
                 self.pos.batch = index + 1
                 every = cfg.run.ckpt_every_steps
                 if every and self.pos.step % every == 0 and self.pos.batch < self.batches_per_epoch:
+                    if pending:
+                        loss_sum += self._check_losses(pending, epoch, index)[0] * len(images)
                     self.save_checkpoint()
             if bar is not None:
-                rate = seen * self.dist.world_size / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{rate:.0f}", refresh=False)
+                if not pending:
+                    rate = seen * self.dist.world_size / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
             if cfg.run.max_steps is not None and self.pos.step >= cfg.run.max_steps:
                 break
+        if pending:  # batches are full (drop_last), so every loss weighs len(images)
+            loss_sum += self._check_losses(pending, epoch, index)[0] * len(images)
         elapsed = time.perf_counter() - start
         return {
             "train_loss": mean_over_ranks(loss_sum / max(seen, 1), self.device),
@@ -290,6 +325,21 @@ class Trainer:
             "train_images_per_s": seen * self.dist.world_size / max(elapsed, 1e-9),
         }
 
+    def _check_losses(self, pending: list[torch.Tensor], epoch: int, last_index: int) -> tuple[float, float]:
+        """Raise :class:`TrainingDiverged` if any pending loss (batches ending at ``last_index``) is not finite
+        on any rank; else return their sum and the last one. Empties ``pending``."""
+        losses = torch.stack(pending).float()
+        pending.clear()
+        if not all_true(bool(torch.isfinite(losses).all().item()), self.device):
+            values = losses.tolist()
+            bad = next(i for i, v in enumerate(values) if not math.isfinite(v))
+            raise TrainingDiverged(
+                f"loss is {values[bad]} at epoch {epoch}, batch {last_index - len(values) + 1 + bad} (step "
+                f"{self.pos.step}); stopping. The last good checkpoint in {self.out / 'checkpoints'} is intact: "
+                "lower optim.lr, set optim.clip_grad, or use run.amp=none, then resume or restart"
+            )
+        return float(losses.sum().item()), float(losses[-1].item())
+
     def _optimizer_step(self) -> None:
         clip = self.config.optim.clip_grad
         if clip:
@@ -297,7 +347,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        # DDP keeps gradients as views of its buckets: zeroing them in place avoids a copy per step.
+        self.optimizer.zero_grad(set_to_none=not self.dist.distributed)
         self.pos.step += 1
         self.scheduler.step_update(self.pos.step)
         if self.ema is not None:
@@ -336,11 +387,13 @@ class Trainer:
             self.history.append(record)
             if not (stopped and self.pos.batch < self.batches_per_epoch):  # else: resumable mid-epoch
                 self.pos = Position(epoch + 1, 0, self.pos.step)
-            self.save_checkpoint()
+            if last or (epoch + 1) % cfg.run.ckpt_every_epochs == 0:
+                self.save_checkpoint()
             if main:
                 write_jsonl(self.out / "metrics.jsonl", self.history)
-                plot_curves(self.history, self.out / "curves.png", title=f"{cfg.model.name} - {self.out.name}")
-                self.save_model_file(record)
+                if result is not None:  # curves and model.pt follow the evaluations
+                    plot_curves(self.history, self.out / "curves.png", title=f"{cfg.model.name} - {self.out.name}")
+                    self.save_model_file(record)
                 if self.writer is not None:
                     for key, value in record.items():
                         if isinstance(value, (int, float)) and key != "epoch":
@@ -368,6 +421,7 @@ class Trainer:
             "epochs_done": self.pos.epoch,
             "steps": self.pos.step,
             "world_size": self.dist.world_size,
+            "distributed": self.dist.distributed,
             "global_batch": self.global_batch,
             "lr": self.lr,
             "mean_epoch_time_s": sum(epoch_times) / max(len(epoch_times), 1),

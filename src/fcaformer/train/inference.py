@@ -15,7 +15,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_official, load_state_dict_strict, read_checkpoint
 from ..fast import fast_attention_modules, fuse_model
-from ..io import PROJECT_FORMAT, load_model
+from ..io import PROJECT_FORMAT, load_model, read_model_file
 
 
 @dataclass
@@ -68,8 +68,8 @@ def _load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None
     import fcaformer  # noqa: F401  (registers the models)
 
     path = Path(source)
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt") or path.exists():
-        raw = read_checkpoint(path)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors") or path.exists():
+        raw = read_model_file(path)
         if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
             model, ckpt = load_model(raw)
             names = list(ckpt.get("class_names") or _imagenet_names(model.num_classes)[0])
