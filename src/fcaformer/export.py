@@ -1,7 +1,10 @@
-"""Export FcaFormer models: ONNX, TorchScript and ``torch.export`` programs, with round-trip checks.
+"""Export FcaFormer models: ONNX, OpenVINO, TorchScript and ``torch.export`` programs, with round-trip checks.
 
-Every exporter works on the fast path (:func:`fcaformer.fast.fuse_model`) by default: BatchNorm folded, the
-attention bias gathered once (it becomes a constant of the graph) and SDPA for the attention.
+Every exporter works on an inference form by default: for ONNX and OpenVINO the lean graph of the hybrid models
+(:mod:`fcaformer.lean`: one channels-first layout, biases as constants), for the PyTorch formats (and for the
+models the lean graph does not cover) the fused fast path (:func:`fcaformer.fast.fuse_model`: BatchNorm folded,
+the attention bias gathered once, SDPA). ONNX can be int8 (ONNX Runtime static quantization), OpenVINO bf16 or
+int8 (NNCF), both calibrated on real images (:mod:`fcaformer.deploy`).
 
 Dynamic shapes: the batch dim is dynamic in ONNX and in exported programs. The spatial size is *not*: the
 token grid decides the position-bias gather, the resizing of the grid-sized parameters (only off the native
@@ -16,20 +19,23 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from .fast import fuse_model, is_fused
+from .fast import fast_attention_modules, fuse_model, is_fused
 from .io import atomic_write
 
-ExportFormat = Literal["onnx", "torchscript", "exported-program"]
-EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "exported-program")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
+ExportFormat = Literal["onnx", "openvino", "torchscript", "exported-program"]
+EXPORT_FORMATS: tuple[str, ...] = ("onnx", "openvino", "torchscript", "exported-program")
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".ts", "exported-program": ".pt2"}
+FORMAT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "torchscript": "torch", "exported-program": "torch"}
+"""The runtime each format is checked with (and whose precisions it offers)."""
 DEFAULT_OPSET = 18
 
 
@@ -42,7 +48,12 @@ class ExportResult:
     input_shape: tuple[int, ...]
     dynamic_batch: bool
     max_relative_error: float | None = None
-    """Largest ``||out - ref|| / ||ref||`` over the checked batch sizes (``None``: not checked)."""
+    """Largest ``||out - ref|| / ||ref||`` over the checked batches (``None``: not checked)."""
+    precision: str = "fp32"
+    top1_agreement: float | None = None
+    """Share of the real check images whose top-1 class matches PyTorch fp32 (``None``: no images given)."""
+    check_images: int = 0
+    """How many real images the check ran on (besides random inputs for fp32)."""
 
 
 def relative_error(out: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
@@ -52,10 +63,16 @@ def relative_error(out: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarra
     return ((out64 - ref64).norm() / ref64.norm()).item()
 
 
-def _prepare(model: nn.Module, fuse: bool) -> nn.Module:
+def _prepare(model: nn.Module, fuse: bool, format: str, size: tuple[int, int]) -> nn.Module:
     model = model.eval()
-    if fuse and not is_fused(model):
-        model = fuse_model(model)
+    if not fuse:
+        return model
+    if format in ("onnx", "openvino"):
+        from .deploy import inference_graph
+
+        return inference_graph(model, FORMAT_RUNTIMES[format], size)
+    if fast_attention_modules(model) and not is_fused(model):
+        return fuse_model(model)
     return model
 
 
@@ -112,29 +129,36 @@ def run_onnx(session, x: torch.Tensor) -> list[np.ndarray]:
     return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
 
 
-def check_onnx(session, reference: nn.Module, inputs: list[torch.Tensor]) -> float:
-    """Largest relative error of the ONNX outputs against ``reference`` over ``inputs``."""
+def max_relative_error(outputs: Callable[[torch.Tensor], Sequence[Any]], reference: nn.Module,
+                       inputs: Sequence[torch.Tensor]) -> float:
+    """Largest relative error of ``outputs(x)`` (a list of arrays or tensors) against ``reference(x)`` over
+    ``inputs``, output by output."""
     worst = 0.0
     for x in inputs:
         with torch.no_grad():
             refs = _flatten_outputs(reference(x))
-        outs = run_onnx(session, x)
+        outs = list(outputs(x))
         if len(outs) != len(refs):
-            raise RuntimeError(f"ONNX graph returns {len(outs)} outputs, PyTorch {len(refs)}")
+            raise RuntimeError(f"the exported graph returns {len(outs)} outputs, PyTorch {len(refs)}")
         worst = max([worst] + [relative_error(o, r) for o, r in zip(outs, refs)])
     return worst
+
+
+def check_onnx(session, reference: nn.Module, inputs: list[torch.Tensor]) -> float:
+    """Largest relative error of the ONNX outputs against ``reference`` over ``inputs``."""
+    return max_relative_error(lambda x: run_onnx(session, x), reference, inputs)
 
 
 def check_program(program: nn.Module | torch.export.ExportedProgram, reference: nn.Module,
                   inputs: list[torch.Tensor]) -> float:
     """Largest relative error of a TorchScript module or exported program against ``reference``."""
     runner = program.module() if isinstance(program, torch.export.ExportedProgram) else program
-    worst = 0.0
-    with torch.no_grad():
-        for x in inputs:
-            outs, refs = _flatten_outputs(runner(x)), _flatten_outputs(reference(x))
-            worst = max([worst] + [relative_error(o, r) for o, r in zip(outs, refs)])
-    return worst
+
+    def outputs(x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return _flatten_outputs(runner(x))
+
+    return max_relative_error(outputs, reference, inputs)
 
 
 def export_model(
@@ -147,24 +171,36 @@ def export_model(
     fuse: bool = True,
     check: bool = True,
     opset: int = DEFAULT_OPSET,
+    precision: str = "fp32",
+    calibration: torch.Tensor | None = None,
+    check_images: torch.Tensor | None = None,
 ) -> ExportResult:
-    """Export ``model`` (eval mode, fused unless ``fuse=False``) and optionally check the round trip.
+    """Export ``model`` (eval mode, as its inference form unless ``fuse=False``) and optionally check the result.
 
     Args:
         model: an FcaFormer model (or any image model taking ``(B, 3, H, W)``).
-        path: output file (its parent is created).
-        format: ``"onnx"``, ``"torchscript"`` (``torch.jit.trace``) or ``"exported-program"``
-            (``torch.export``, saved with ``torch.export.save``).
+        path: output file (its parent is created); OpenVINO writes ``.xml`` plus a ``.bin`` beside it.
+        format: ``"onnx"``, ``"openvino"`` (needs the ``[deploy]`` extra), ``"torchscript"``
+            (``torch.jit.trace``) or ``"exported-program"`` (``torch.export``, saved with ``torch.export.save``).
         img_size: the (fixed) spatial size of the graph.
         batch_size: example batch used for tracing (at least 2 with a dynamic batch).
-        dynamic_batch: mark the batch dim dynamic (ONNX, exported program; a traced TorchScript module is
-            batch-agnostic as long as no shape was baked in, which the check verifies).
-        fuse: export the fast path (recommended).
-        check: run the exported graph (onnxruntime for ONNX) on two batch sizes against PyTorch.
+        dynamic_batch: mark the batch dim dynamic (ONNX, OpenVINO, exported program; a traced TorchScript
+            module is batch-agnostic as long as no shape was baked in, which the check verifies).
+        fuse: export the inference form: the lean graph for ONNX / OpenVINO where it applies, else the fast
+            path (recommended).
+        check: run the exported graph (ONNX Runtime for ONNX, OpenVINO for OpenVINO) against PyTorch fp32 on
+            random inputs of two batch sizes and on ``check_images``.
+        precision: ``"fp32"``; ONNX also ``"int8"``, OpenVINO also ``"bf16"`` and ``"int8"``.
+        calibration: ``(N, 3, H, W)`` preprocessed real images for int8 calibration.
+        check_images: ``(N, 3, H, W)`` preprocessed real images (others than the calibration images) for the
+            check: relative error and top-1 agreement with PyTorch fp32.
 
     Raises:
-        ValueError: on an unknown format or a bad size.
+        ValueError: on an unknown format or precision, a bad size or suffix, or int8 without calibration.
+        fcaformer.deploy.DeployDependencyError: OpenVINO or NNCF missing.
     """
+    from .deploy import OnnxRunner, OpenVinoRunner, compare_outputs, quantize_onnx, save_openvino, to_openvino
+
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {EXPORT_FORMATS}")
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -172,21 +208,35 @@ def export_model(
         raise ValueError(f"img_size must be one or two sizes >= 32, got {img_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    allowed = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}.get(format, ("fp32",))
+    if precision not in allowed:
+        raise ValueError(f"{format} exports take precision {' or '.join(allowed)}, got {precision!r}")
+    if precision == "int8" and (calibration is None or len(calibration) == 0):
+        raise ValueError("int8 export needs calibration images: pass a folder of real images (--calib DIR)")
     path = Path(path)
-    if format == "exported-program" and path.suffix != ".pt2":
-        raise ValueError(f"exported programs must be saved with a .pt2 suffix (torch.export.load needs it), got {path}")
+    if path.suffix != SUFFIXES[format] and format in ("exported-program", "openvino"):
+        needs = "torch.export.load needs it" if format == "exported-program" else "the weights go to a .bin beside it"
+        raise ValueError(f"{format} files must have the {SUFFIXES[format]} suffix ({needs}), got {path}")
     reference = model.eval()
-    model = _prepare(model, fuse)
+    model = _prepare(model, fuse, format, size)
     # torch.export specialises sizes 0 and 1, so a dynamic batch is traced with at least 2 images.
     example = _example(model, size, max(batch_size, 2) if dynamic_batch else batch_size)
     check_inputs = [example, _example(model, size, 1), _example(model, size, 3)] if dynamic_batch else [example]
-    error: float | None = None
+    outputs: Callable[[torch.Tensor], Sequence[Any]] | None = None
 
     if format == "onnx":
         data = onnx_bytes(model, example, dynamic_batch=dynamic_batch, opset=opset)
+        if precision == "int8":
+            data = quantize_onnx(data, calibration)
         atomic_write(path, lambda handle: handle.write(data))
         if check:
-            error = check_onnx(onnx_session(data), reference, check_inputs)
+            session = OnnxRunner(data, precision=precision).session
+            outputs = lambda x: run_onnx(session, x)  # noqa: E731
+    elif format == "openvino":
+        save_openvino(to_openvino(model, size, precision, calibration, dynamic_batch), path)
+        if check:
+            compiled = OpenVinoRunner(path, precision=precision).compiled
+            outputs = lambda x: compiled(x.numpy()).to_tuple()  # noqa: E731
     elif format == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; it still serves old runtimes
@@ -197,12 +247,22 @@ def export_model(
             atomic_write(path, lambda handle: torch.jit.save(traced, handle))
             loaded = torch.jit.load(str(path)) if check else None
         if loaded is not None:
-            error = check_program(loaded, reference, check_inputs)
+            outputs = lambda x: _flatten_outputs(loaded(x))  # noqa: E731
     else:
         dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
         with torch.no_grad():
             program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
         atomic_write(path, lambda handle: torch.export.save(program, handle))
         if check:
-            error = check_program(torch.export.load(str(path)), reference, check_inputs)
-    return ExportResult(path, format, tuple(example.shape), dynamic_batch, error)
+            runner = torch.export.load(str(path)).module()
+            outputs = lambda x: _flatten_outputs(runner(x))  # noqa: E731
+
+    result = ExportResult(path, format, tuple(example.shape), dynamic_batch, precision=precision)
+    if outputs is not None:
+        with torch.no_grad():
+            result.max_relative_error = max_relative_error(outputs, reference, check_inputs)
+            if check_images is not None and len(check_images):
+                agreement = compare_outputs(lambda x: outputs(x)[0], reference, check_images)
+                result.max_relative_error = max(result.max_relative_error, agreement.max_relative_error)
+                result.top1_agreement, result.check_images = agreement.top1_agreement, agreement.images
+    return result

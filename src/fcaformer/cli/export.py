@@ -1,10 +1,12 @@
-"""``fcaformer export``: a model (fast path) to ONNX, TorchScript or a ``torch.export`` program, checked."""
+"""``fcaformer export``: a model (inference form) to ONNX, OpenVINO, TorchScript or a ``torch.export`` program, in
+fp32 / bf16 / int8 (calibrated on real images), checked against PyTorch."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -13,8 +15,10 @@ from ..export import EXPORT_FORMATS, SUFFIXES
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export", help="export a model to ONNX / TorchScript / torch.export (fast path, checked)",
-        description="Export the fused fast path of a model; the batch dim is dynamic, the spatial size fixed.",
+        "export", help="export a model to ONNX / OpenVINO / TorchScript / torch.export (checked against PyTorch)",
+        description="Export the inference form of a model (the lean graph for ONNX and OpenVINO, the fused fast "
+                    "path for the PyTorch formats); the batch dim is dynamic, the spatial size fixed. OpenVINO and "
+                    "int8 need the deployment extra: pip install 'fcaformer[deploy]'.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="project checkpoint (fcaformer train) or official release checkpoint")
@@ -23,9 +27,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", help="state_dict file for --model (project or release layout)")
     parser.add_argument("--dense", action="store_true", help="with --model: the windowed dense backbone")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
-    parser.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="PX",
-                        help="input size: one value (square) or H W (default 224)")
-    parser.add_argument("--output", "-o", help="output file (default: <name>.<format suffix> here)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                        help="onnx: fp32 or int8 (ONNX Runtime static quantization); openvino: fp32, bf16 (a hint: "
+                             "runs where the CPU has bf16) or int8 (NNCF); default fp32")
+    parser.add_argument("--calib", metavar="DIR",
+                        help="folder of real images (searched recursively): int8 calibration, and the check runs on "
+                             "other images from it (relative error, top-1 agreement with PyTorch fp32)")
+    parser.add_argument("--calib-images", type=int, default=300, metavar="N",
+                        help="images drawn from --calib for calibration (default 300)")
+    parser.add_argument("--check-images", type=int, default=100, metavar="N",
+                        help="other images drawn from --calib for the check (default 100)")
+    parser.add_argument("--img-size", type=int, nargs="+", metavar="PX",
+                        help="input size: one value (square) or H W (default: the checkpoint's, else 224)")
+    parser.add_argument("--output", "-o", help="output file (default: <name>_<size>[_<precision>].<suffix> here)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dim instead of dynamic")
     parser.add_argument("--batch-size", type=int, default=2, help="example batch for tracing (default 2)")
@@ -34,21 +48,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_source(args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """The model named by ``--checkpoint`` or ``--model`` (+ ``--weights``) and a short name for it."""
+def load_source(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any] | None]:
+    """The model named by ``--checkpoint`` or ``--model`` (+ ``--weights``), a short name for it and the
+    checkpoint's preprocessing (``data_config``; ``None`` when the source has none)."""
     import timm
 
     import fcaformer
 
     from ..checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, unwrap_state_dict
-    from ..io import PROJECT_FORMAT, load_model
+    from ..io import PROJECT_FORMAT, load_model, read_model_file
 
     if args.checkpoint:
         path = Path(args.checkpoint)
-        raw = read_checkpoint(path)
+        raw = read_model_file(path)
         if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
-            return load_model(raw)[0], path.stem
-        return fcaformer.load_official(raw), path.stem
+            model, checkpoint = load_model(raw)
+            return model, path.stem, checkpoint.get("data_config")
+        return fcaformer.load_official(raw), path.stem, None
     if args.dense:
         model = fcaformer.create_dense_backbone(args.model)
     elif timm.is_model(args.model):
@@ -64,30 +80,69 @@ def load_source(args: argparse.Namespace) -> tuple[nn.Module, str]:
     else:
         print(f"note: {args.model} has random weights (pass --weights or --checkpoint to export trained ones)",
               file=sys.stderr)
-    return model.eval(), args.model + ("_dense" if args.dense else "")
+    return model.eval(), args.model + ("_dense" if args.dense else ""), None
+
+
+def _real_images(args: argparse.Namespace, model: nn.Module, data_config: dict[str, Any] | None,
+                 size: tuple[int, int]) -> tuple[Any, Any]:
+    """(calibration images, check images) drawn from ``--calib`` (disjoint), preprocessed as the model expects;
+    ``(None, None)`` without ``--calib``."""
+    if not args.calib:
+        return None, None
+    from ..deploy import eval_transform, list_images, load_images
+
+    if args.calib_images < 1 or args.check_images < 0:
+        raise ValueError(f"--calib-images must be >= 1 and --check-images >= 0, got {args.calib_images} and "
+                         f"{args.check_images}")
+    files = list_images(args.calib, limit=args.calib_images + args.check_images)
+    transform = eval_transform(data_config or dict(getattr(model, "pretrained_cfg", None) or {}), size)
+    calibration = load_images(files[: args.calib_images], transform) if args.precision == "int8" else None
+    check_files = files[args.calib_images :] if len(files) > args.calib_images else files[: args.check_images]
+    return calibration, load_images(check_files, transform) if check_files else None
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError
+    from ..deploy import DeployDependencyError
+
+    try:
+        return _run(args)
+    except (CheckpointError, DeployDependencyError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..export import export_model
 
-    if len(args.img_size) not in (1, 2):
+    if args.img_size is not None and len(args.img_size) not in (1, 2):
         raise SystemExit(f"--img-size takes one value or two (H W), got {args.img_size}")
-    size = (args.img_size[0],) * 2 if len(args.img_size) == 1 else tuple(args.img_size)
-    model, name = load_source(args)
-    output = Path(args.output or f"{name}_{size[0]}x{size[1]}{SUFFIXES[args.format]}")
+    if args.precision == "int8" and not args.calib:
+        raise ValueError("--precision int8 needs --calib DIR: a folder of real images to calibrate on")
+    model, name, data_config = load_source(args)
+    pixels = args.img_size or [int((data_config or {}).get("img_size", 224))]
+    size = (pixels[0],) * 2 if len(pixels) == 1 else tuple(pixels)
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    output = Path(args.output or f"{name}_{size[0]}x{size[1]}{suffix}{SUFFIXES[args.format]}")
     if args.format == "exported-program" and output.suffix != ".pt2":
         raise SystemExit(f"exported programs must be saved as .pt2 (torch.export.load needs it), got {output}")
-    print(f"exporting {name} ({'faithful' if args.no_fuse else 'fast'} path) at {size[0]}x{size[1]} to {output} ...",
-          file=sys.stderr)
+    calibration, check_images = _real_images(args, model, data_config, size)
+    form = "faithful path" if args.no_fuse else "inference form"
+    print(f"exporting {name} ({form}, {args.precision}) at {size[0]}x{size[1]} to {output} ...", file=sys.stderr)
     result = export_model(
         model, output, args.format, img_size=size, batch_size=args.batch_size,
         dynamic_batch=not args.static_batch, fuse=not args.no_fuse, check=not args.no_check, opset=args.opset,
+        precision=args.precision, calibration=calibration, check_images=check_images,
     )
     batch = "dynamic" if result.dynamic_batch else f"fixed {result.input_shape[0]}"
-    print(f"wrote {result.path} ({result.format}; batch {batch}, spatial size fixed at {size[0]}x{size[1]})")
+    print(f"wrote {result.path} ({result.format} {result.precision}; batch {batch}, spatial size fixed at "
+          f"{size[0]}x{size[1]})")
     if result.max_relative_error is not None:
-        print(f"round-trip check: max relative error vs PyTorch = {result.max_relative_error:.2e}")
-        if result.max_relative_error > 1e-4:
+        where = f"random inputs and {result.check_images} real images" if result.check_images else "random inputs"
+        print(f"round-trip check on {where}: max relative error vs PyTorch fp32 = {result.max_relative_error:.2e}")
+        if result.top1_agreement is not None:
+            print(f"top-1 agreement with PyTorch fp32: {result.top1_agreement:.2%} of {result.check_images} images")
+        if result.precision == "fp32" and result.max_relative_error > 1e-4:
             print("error: the exported graph differs from PyTorch by more than 1e-4", file=sys.stderr)
             return 1
     return 0

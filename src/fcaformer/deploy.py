@@ -1,0 +1,480 @@
+"""CPU deployment: FcaFormer (and any timm model) under PyTorch, ONNX Runtime or OpenVINO, in fp32, bf16 or int8.
+
+One entry point, :func:`build_runner`, gives a callable that runs a batch of images under a chosen runtime and
+precision, so that FcaFormer and its peers can be measured under the *same* runtime (``fcaformer benchmark
+--runtime``) and exports can be checked against PyTorch (``fcaformer export --format openvino|onnx``):
+
+- ``torch``: the fused fast path (:func:`fcaformer.fast.fuse_model`), fp32 or bf16 (CPU autocast);
+- ``onnxruntime``: the ONNX graph, fp32, or int8 by ONNX Runtime's static quantization (QDQ, per-channel
+  weights, calibrated on real images);
+- ``openvino``: the OpenVINO model converted from PyTorch, fp32, bf16 (an inference-precision hint: only CPUs
+  with native bf16, e.g. AVX-512-BF16 or AMX, run it; elsewhere OpenVINO silently stays in fp32, which
+  :func:`openvino_precision_supported` tells ahead), or int8 quantized by NNCF (post-training, calibrated on
+  real images).
+
+FcaFormer hybrids go to ONNX and OpenVINO as the lean graph (:mod:`fcaformer.lean`): a single channels-first
+layout the runtimes optimise end to end. The runtime packages are the optional ``[deploy]`` extra (OpenVINO and
+NNCF; ONNX Runtime is a core dependency); :func:`require` names the extra when one is missing.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+Runtime = Literal["torch", "onnxruntime", "openvino"]
+Precision = Literal["fp32", "bf16", "int8"]
+RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
+SUPPORTED: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32", "bf16"),
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+}
+"""Precisions each runtime offers here. PyTorch's own int8 CPU inference (``torch.ao.quantization``) is
+deprecated upstream, and ONNX Runtime's CPU provider has no bf16 kernels for these models."""
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+LAYOUT_OPS = ("Transpose", "Reorder", "Concat", "Gather", "Split", "VariadicSplit", "Slice", "StridedSlice",
+              "aten::cat", "aten::copy_", "aten::clone", "aten::index", "aten::contiguous")
+"""Op types (OpenVINO / ONNX Runtime node types, PyTorch ops) that move or reorder data rather than compute."""
+
+
+class DeployDependencyError(ImportError):
+    """A deployment runtime package is missing; the message names the extra that installs it."""
+
+
+def require(module: str) -> Any:
+    """Import ``module`` (``"openvino"`` or ``"nncf"``), or raise :class:`DeployDependencyError` naming the
+    ``[deploy]`` extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise DeployDependencyError(
+            f"{module} is not installed; install the deployment extra: pip install 'fcaformer[deploy]'"
+        ) from error
+
+
+def check_precision(runtime: str, precision: str) -> None:
+    """Raise ``ValueError`` (one line, with what is offered) for an unknown or unsupported combination."""
+    if runtime not in SUPPORTED:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision not in SUPPORTED[runtime]:
+        offered = ", ".join(f"{r}: {'/'.join(p)}" for r, p in SUPPORTED.items())
+        raise ValueError(f"{runtime} does not offer {precision} here ({offered})")
+
+
+# ------------------------------------------------------------------------------------------- inference graphs
+def inference_graph(model: nn.Module, runtime: str, img_size: tuple[int, int] | None = None) -> nn.Module:
+    """The form of ``model`` each runtime gets: the lean graph for hybrid FcaFormers outside PyTorch (gathered
+    for ``img_size``), the fused fast path for PyTorch and for the other FcaFormers, timm's reparameterized
+    form for anything else. ``model`` is not modified."""
+    from timm.utils.model import reparameterize_model
+
+    from .fast import fast_attention_modules, fuse_model
+    from .lean import lean_model, supports_lean
+
+    model = model.eval()
+    if not fast_attention_modules(model):
+        return reparameterize_model(model)
+    if runtime != "torch" and supports_lean(model):
+        lean = lean_model(model)
+        return lean.prepare(img_size) if img_size else lean
+    return fuse_model(model)
+
+
+# --------------------------------------------------------------------------------------------- calibration
+def list_images(root: str | os.PathLike, limit: int | None = None, seed: int = 0) -> list[Path]:
+    """Image files under ``root`` (recursively; a single image file is also accepted), sorted, then ``limit`` of
+    them drawn at random with ``seed`` (evenly over classes in expectation).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: it holds no images.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    if limit is not None and len(files) > limit:
+        chosen = np.random.default_rng(seed).choice(len(files), size=limit, replace=False)
+        files = [files[i] for i in sorted(chosen)]
+    return files
+
+
+def load_images(paths: Sequence[Path], transform: Callable) -> torch.Tensor:
+    """``(N, 3, H, W)`` tensor of the images through ``transform`` (e.g. the model's eval transform)."""
+    from PIL import Image
+
+    tensors = []
+    for path in paths:
+        with Image.open(path) as image:
+            tensors.append(transform(image.convert("RGB")))
+    return torch.stack(tensors)
+
+
+def eval_transform(data_config: dict[str, Any], img_size: tuple[int, int]) -> Callable:
+    """The eval transform (resize to ``size / crop_pct``, centre crop, normalise) of a model's data config
+    (timm's ``pretrained_cfg`` keys or a project checkpoint's ``data_config``) at ``img_size``."""
+    from timm.data import create_transform
+
+    size = img_size[0] if img_size[0] == img_size[1] else tuple(img_size)
+    return create_transform(size, is_training=False, crop_pct=data_config.get("crop_pct", 0.875),
+                            interpolation=data_config.get("interpolation", "bicubic"),
+                            mean=tuple(data_config.get("mean", (0.485, 0.456, 0.406))),
+                            std=tuple(data_config.get("std", (0.229, 0.224, 0.225))))
+
+
+# ------------------------------------------------------------------------------------------------- OpenVINO
+def openvino_precision_supported(precision: str) -> bool:
+    """Whether this machine's CPU runs ``precision`` natively in OpenVINO (bf16 needs BF16 in the CPU's
+    optimization capabilities; without it OpenVINO runs the model in fp32)."""
+    if precision != "bf16":
+        return True
+    ov = require("openvino")
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def to_openvino(graph: nn.Module, img_size: tuple[int, int], precision: str = "fp32",
+                calibration: torch.Tensor | None = None, dynamic_batch: bool = True) -> Any:
+    """Convert an inference graph (see :func:`inference_graph`) to an ``openvino.Model``.
+
+    int8 quantizes with NNCF on ``calibration`` images (required); bf16 records the inference-precision hint in
+    the model (``runtime_options``), so a saved model compiles in bf16 where the CPU has it.
+    """
+    ov = require("openvino")
+    check_precision("openvino", precision)
+    example = torch.zeros(1, 3, *img_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches (size is fixed)
+        model = ov.convert_model(graph, example_input=example,
+                                 input=[(-1 if dynamic_batch else 1, 3, *img_size)])
+    if precision == "int8":
+        model = quantize_openvino(model, _require_calibration(calibration))
+    elif precision == "bf16":
+        model.set_rt_info("bf16", ["runtime_options", "INFERENCE_PRECISION_HINT"])
+    return model
+
+
+def quantize_openvino(model: Any, calibration: torch.Tensor, batch_size: int = 1) -> Any:
+    """Post-training int8 quantization of an ``openvino.Model`` with NNCF, calibrated on ``calibration``.
+
+    NNCF's transformer preset (SmoothQuant off, as NNCF sets it for CPU) is used for every model. The two
+    matrix products of each attention stay in fp32: in int8 they were no faster on the AVX2 machine measured,
+    and they carry the softmax's dynamic range.
+    """
+    import logging
+
+    # NNCF imports torch's extension loader, which logs that there is no CUDA on a CPU machine: not news here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    nncf = require("nncf")
+    nncf.set_log_level(logging.ERROR)
+    batches = [calibration[i : i + batch_size].numpy() for i in range(0, len(calibration), batch_size)]
+    return nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(calibration), ignored_scope=nncf.IgnoredScope(types=["MatMul"],
+                                                                                       validate=False))
+
+
+def compile_openvino(model: Any, threads: int | None = None, precision: str = "fp32", batch_size: int | None = None,
+                     profile: bool = False) -> Any:
+    """Compile an ``openvino.Model`` (or a path to a saved one) for the CPU, latency mode (one stream).
+
+    ``batch_size`` fixes the batch dim first, on a copy (static shapes compile to faster code).
+    """
+    ov = require("openvino")
+    core = ov.Core()
+    if isinstance(model, (str, os.PathLike)):
+        model = core.read_model(str(model))
+    shape = model.inputs[0].get_partial_shape()
+    if batch_size is not None and (shape[0].is_dynamic or shape[0].get_length() != batch_size):
+        model = model.clone()  # the caller's model keeps its batch dim
+        model.reshape([batch_size, *(d.get_length() for d in list(shape)[1:])])
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    if profile:
+        config["PERF_COUNT"] = True
+    return core.compile_model(model, "CPU", config)
+
+
+def save_openvino(model: Any, path: str | os.PathLike) -> Path:
+    """Write ``model`` as ``path`` (``.xml``) and its ``.bin`` beside it, each replaced atomically (the weights
+    first, so a reader never pairs a new ``.xml`` with old weights)."""
+    ov = require("openvino")
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise ValueError(f"OpenVINO models are saved as .xml (+ .bin), got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
+        ov.save_model(model, str(Path(tmp) / path.name), compress_to_fp16=False)
+        os.replace(Path(tmp) / path.with_suffix(".bin").name, path.with_suffix(".bin"))
+        os.replace(Path(tmp) / path.name, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- ONNX Runtime
+def quantize_onnx(model_bytes: bytes, calibration: torch.Tensor) -> bytes:
+    """int8 ONNX model by ONNX Runtime's static quantization: QDQ format, per-channel int8 weights, uint8
+    activations calibrated (min-max) on ``calibration`` images. Convolutions and weight products are quantized;
+    norms, softmax and the attention's activation-by-activation products stay fp32 (as for OpenVINO)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str) -> None:
+            self.items = iter([{name: calibration[i : i + 1].numpy()} for i in range(len(calibration))])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, prepared, target = (Path(tmp) / n for n in ("model.onnx", "prepared.onnx", "int8.onnx"))
+        source.write_bytes(model_bytes)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        proto = onnx.load(str(prepared))
+        matmuls = [node.name for node in proto.graph.node if node.op_type == "MatMul"
+                   and not any(init.name in node.input for init in proto.graph.initializer)]
+        quantize_static(str(prepared), str(target), Reader(proto.graph.input[0].name),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        nodes_to_exclude=matmuls)
+        return target.read_bytes()
+
+
+def to_onnx(graph: nn.Module, img_size: tuple[int, int], precision: str = "fp32",
+            calibration: torch.Tensor | None = None, dynamic_batch: bool = True) -> bytes:
+    """Serialised ONNX model of an inference graph, fp32 or int8 (:func:`quantize_onnx`)."""
+    from .export import onnx_bytes
+
+    check_precision("onnxruntime", precision)
+    example = torch.zeros(2 if dynamic_batch else 1, 3, *img_size)
+    data = onnx_bytes(graph, example, dynamic_batch=dynamic_batch)
+    if precision == "int8":
+        data = quantize_onnx(data, _require_calibration(calibration))
+    return data
+
+
+def _require_calibration(calibration: torch.Tensor | None) -> torch.Tensor:
+    if calibration is None or len(calibration) == 0:
+        raise ValueError("int8 needs calibration images: pass a folder of real images (--calib DIR)")
+    return calibration
+
+
+# ------------------------------------------------------------------------------------------------- runners
+@dataclass
+class OpProfile:
+    """Time spent per op type over profiled forwards."""
+
+    op: str
+    share: float
+    ms_per_forward: float
+    calls_per_forward: float
+
+
+class Runner:
+    """A model under one runtime and precision: ``runner(x)`` takes a float ``(B, 3, H, W)`` tensor or array and
+    returns the first output as a float32 numpy array."""
+
+    runtime: str = ""
+    precision: str = ""
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def profile(self, x: torch.Tensor, repeats: int = 10) -> list[OpProfile]:
+        """Per-op-type time over ``repeats`` forwards (after one warm-up), largest first."""
+        raise NotImplementedError
+
+
+def _summarise(totals: dict[str, float], calls: dict[str, int], repeats: int) -> list[OpProfile]:
+    total = sum(totals.values()) or 1.0
+    return [OpProfile(op, seconds / total, seconds / repeats * 1e3, calls[op] / repeats)
+            for op, seconds in sorted(totals.items(), key=lambda item: -item[1])]
+
+
+class TorchRunner(Runner):
+    """PyTorch eager (fp32, or bf16 through CPU autocast)."""
+
+    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
+        check_precision("torch", precision)
+        self.model, self.runtime, self.precision = model.eval(), "torch", precision
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model(torch.as_tensor(x))
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self._forward(torch.as_tensor(x)).float().numpy()
+
+    def profile(self, x: torch.Tensor, repeats: int = 10) -> list[OpProfile]:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        self._forward(x)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                self._forward(x)
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        return _summarise({e.key: e.self_cpu_time_total / 1e6 for e in events}, {e.key: e.count for e in events},
+                          repeats)
+
+
+class OnnxRunner(Runner):
+    """An ONNX Runtime CPU session (worker threads do not spin, so interleaved timings stay fair)."""
+
+    def __init__(self, model_bytes: bytes, threads: int | None = None, precision: str = "fp32") -> None:
+        from .export import onnx_session
+
+        self.model_bytes, self.threads, self.runtime, self.precision = model_bytes, threads, "onnxruntime", precision
+        self.session = onnx_session(model_bytes, threads=threads, spin=False)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def profile(self, x: torch.Tensor, repeats: int = 10) -> list[OpProfile]:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        if self.threads:
+            options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
+        with tempfile.TemporaryDirectory() as tmp:
+            options.profile_file_prefix = str(Path(tmp) / "ort")
+            session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"])
+            feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+            session.run(None, feed)
+            for _ in range(repeats):
+                session.run(None, feed)
+            events = json.loads(Path(session.end_profiling()).read_text())
+        totals: dict[str, float] = collections.defaultdict(float)
+        calls: dict[str, int] = collections.Counter()
+        nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+        for event in nodes[len(nodes) // (repeats + 1):]:  # drop the warm-up run
+            totals[event["args"]["op_name"]] += event["dur"] / 1e6
+            calls[event["args"]["op_name"]] += 1
+        return _summarise(totals, calls, repeats)
+
+
+class OpenVinoRunner(Runner):
+    """An OpenVINO compiled model with one infer request (latency mode)."""
+
+    def __init__(self, model: Any, threads: int | None = None, precision: str = "fp32",
+                 batch_size: int | None = None, profile: bool = False) -> None:
+        self.runtime, self.precision = "openvino", precision
+        self.model, self.threads, self.profiling = model, threads, profile
+        self.compiled = compile_openvino(model, threads, precision, batch_size, profile)
+        self.request = self.compiled.create_infer_request()
+
+    def for_batch(self, batch_size: int) -> OpenVinoRunner:
+        """The same model compiled for another fixed batch size (no new conversion or quantization)."""
+        return OpenVinoRunner(self.model, self.threads, self.precision, batch_size, self.profiling)
+
+    @property
+    def effective_precision(self) -> str:
+        """The precision OpenVINO actually compiled for (``f32`` where a bf16 hint is not supported)."""
+        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.asarray(self.request.get_output_tensor(0).data, dtype=np.float32).copy()
+
+    def profile(self, x: torch.Tensor, repeats: int = 10) -> list[OpProfile]:
+        if not self.profiling:
+            raise ValueError("build the runner with profile=True to profile OpenVINO")
+        feed = {0: np.ascontiguousarray(x, dtype=np.float32)}
+        self.request.infer(feed)
+        totals: dict[str, float] = collections.defaultdict(float)
+        calls: dict[str, int] = collections.Counter()
+        for _ in range(repeats):
+            self.request.infer(feed)
+            for info in self.request.get_profiling_info():
+                if info.status == info.Status.EXECUTED:
+                    totals[info.node_type] += info.real_time.total_seconds()
+                    calls[info.node_type] += 1
+        return _summarise(totals, calls, repeats)
+
+
+def layout_share(profile: Sequence[OpProfile]) -> float:
+    """Share of the profiled time spent in layout changes, concatenations, splits and gathers."""
+    return sum(p.share for p in profile if p.op in LAYOUT_OPS)
+
+
+def build_runner(model: nn.Module, runtime: str, precision: str = "fp32", img_size: int | tuple[int, int] = 224,
+                 threads: int | None = None, calibration: torch.Tensor | None = None, batch_size: int | None = None,
+                 profile: bool = False) -> Runner:
+    """``model`` (eval mode; not modified) under ``runtime`` and ``precision``, as a :class:`Runner`.
+
+    Args:
+        model: an FcaFormer or any timm image model.
+        runtime: ``"torch"``, ``"onnxruntime"`` or ``"openvino"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (see :data:`SUPPORTED`).
+        img_size: the input size the graph is built for (ONNX and OpenVINO graphs are specialised to it).
+        threads: intra-op threads of the runtime (PyTorch's are process-wide: set them yourself).
+        calibration: ``(N, 3, H, W)`` preprocessed real images, required for int8.
+        batch_size: OpenVINO only: compile for this fixed batch (faster than the dynamic batch).
+        profile: OpenVINO only: collect per-node times (needed for :meth:`Runner.profile`).
+
+    Raises:
+        ValueError: unsupported runtime / precision, or int8 without calibration images.
+        DeployDependencyError: OpenVINO or NNCF missing.
+    """
+    check_precision(runtime, precision)
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if precision == "int8":
+        _require_calibration(calibration)
+    graph = inference_graph(model, runtime, size)
+    if runtime == "torch":
+        return TorchRunner(graph, precision)
+    if runtime == "onnxruntime":
+        return OnnxRunner(to_onnx(graph, size, precision, calibration), threads, precision)
+    return OpenVinoRunner(to_openvino(graph, size, precision, calibration), threads, precision, batch_size, profile)
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+@dataclass
+class Agreement:
+    """How a runner's outputs compare with a PyTorch reference on the same images."""
+
+    images: int
+    max_relative_error: float
+    """Largest per-batch ``||out - ref|| / ||ref||``."""
+    top1_agreement: float
+    """Fraction of images whose top-1 class is the reference's."""
+
+
+def compare_outputs(runner: Callable[[torch.Tensor], Any], reference: nn.Module, images: torch.Tensor,
+                    batch_size: int = 16) -> Agreement:
+    """Run ``runner`` and ``reference`` (fp32 PyTorch) on ``images`` and compare."""
+    from .export import relative_error
+
+    worst, agree = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        with torch.inference_mode():
+            ref = reference(batch)
+        ref = (ref[0] if isinstance(ref, (list, tuple)) else ref).float()  # a backbone: its first map
+        out = torch.as_tensor(np.asarray(runner(batch), dtype=np.float32))
+        worst = max(worst, relative_error(out, ref))
+        if ref.ndim == 2:
+            agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
+    return Agreement(len(images), worst, agree / max(len(images), 1))
+
