@@ -320,50 +320,64 @@ def run_zoo(
     throughput_repeats: int = 3,
     onnx_models: Sequence[str] = (),
     faithful_baseline: str | None = "fcaformer_l1",
+    runtime: str = "torch",
+    precision: str = "fp32",
+    calibration: torch.Tensor | None = None,
+    profile: bool = False,
 ) -> tuple[list[ModelRow], dict[str, Any]]:
-    """Benchmark FcaFormer models (fast path) and timm peers in one process, interleaved.
+    """Benchmark FcaFormer models and timm peers in one process, interleaved, all under one runtime and precision.
 
     Args:
-        models: FcaFormer model names (measured on the fused fast path).
+        models: FcaFormer model names (PyTorch: the fused fast path; ONNX Runtime / OpenVINO: the lean graph of
+            the hybrids, the fused path of L0; see :func:`fcaformer.deploy.inference_graph`).
         peers: timm model names (``pretrained=False``), measured as timm builds them; those that provide a
             ``reparameterize`` / ``fuse`` (RepViT, FastViT, ...) are reparameterized first, like ours.
         img_size: square input size.
         repeats, warmup: batch-1 latency rounds.
         throughput_batch, throughput_repeats: batch size and rounds of the throughput pass (0: skip).
-        onnx_models: FcaFormer names also exported to ONNX and timed in ONNX Runtime (same threads).
-        faithful_baseline: also time this model's faithful (unfused) path, as ``<name> (faithful)``.
+        onnx_models: PyTorch runtime only: FcaFormer names also exported to ONNX and timed in ONNX Runtime.
+        faithful_baseline: also time this model's faithful (unfused) path in PyTorch fp32 (the release's
+            computation, whatever the runtime), as ``<name> (faithful)``.
+        runtime, precision: ``torch`` / ``onnxruntime`` / ``openvino`` and ``fp32`` / ``bf16`` / ``int8`` (see
+            :data:`fcaformer.deploy.SUPPORTED`).
+        calibration: ``(N, 3, img_size, img_size)`` images for int8 (real images calibrate best; for latency
+            alone any data will do).
+        profile: also record each model's per-op profile (batch 1) in ``row.extra["profile"]``.
 
     Returns:
         the rows and a dict of run information (machine, load averages, settings).
     """
-    from timm.utils.model import reparameterize_model
-
+    from .deploy import OpenVinoRunner, TorchRunner, build_runner, check_precision, layout_share
     from .export import onnx_bytes, onnx_session, run_onnx
-    from .fast import fuse_model
 
+    check_precision(runtime, precision)
+    threads = torch.get_num_threads()
     info: dict[str, Any] = {"machine": machine_info(), "img_size": img_size, "repeats": repeats,
-                            "warmup": warmup, "throughput_batch": throughput_batch}
+                            "warmup": warmup, "throughput_batch": throughput_batch, "runtime": runtime,
+                            "precision": precision}
     rows: dict[str, ModelRow] = {}
-    runnable: dict[str, nn.Module] = {}
-    for name in tqdm([*models, *peers], desc="building models", leave=False):
+    runners: dict[str, Any] = {}
+    for name in tqdm([*models, *peers], desc=f"building models ({runtime} {precision})", leave=False):
         model = _build(name, img_size)
         params, gmacs = model_cost(model, img_size)  # faithful cost (what the release computes)
         if name == faithful_baseline:
             label = f"{name} (faithful)"
-            rows[label] = ModelRow(label, params, gmacs)
-            runnable[label] = model
-        runnable[name] = fuse_model(model) if name.startswith("fcaformer") else reparameterize_model(model)
-        rows[name] = ModelRow(name, params, gmacs)
+            rows[label] = ModelRow(label, params, gmacs, extra={"runtime": "torch", "precision": "fp32"})
+            runners[label] = TorchRunner(model)
+        runners[name] = build_runner(model, runtime, precision, img_size, threads, calibration, batch_size=1,
+                                     profile=profile)
+        rows[name] = ModelRow(name, params, gmacs, extra={"runtime": runtime, "precision": precision})
     x1 = torch.randn(1, 3, img_size, img_size)
     sessions = {}
-    for name in tqdm(list(onnx_models), desc="exporting ONNX", leave=False):
-        sessions[name] = onnx_session(onnx_bytes(runnable[name], x1.expand(2, -1, -1, -1).contiguous()),
-                                      threads=torch.get_num_threads(), spin=False)
+    for name in tqdm(list(onnx_models) if runtime == "torch" else [], desc="exporting ONNX", leave=False):
+        sessions[name] = onnx_session(onnx_bytes(runners[name].model, x1.expand(2, -1, -1, -1).contiguous()),
+                                      threads=threads, spin=False)
 
     with torch.inference_mode():
-        for label, model in runnable.items():
-            rows[label].activation_mib = peak_activation_mib(lambda model=model: model(x1))
-        candidates: dict[str, Callable[[], Any]] = {label: (lambda m=m: m(x1)) for label, m in runnable.items()}
+        for label, runner in runners.items():
+            if isinstance(runner, TorchRunner):
+                rows[label].activation_mib = peak_activation_mib(lambda runner=runner: runner(x1))
+        candidates: dict[str, Callable[[], Any]] = {label: (lambda r=r: r(x1)) for label, r in runners.items()}
         candidates.update({f"onnx:{n}": (lambda s=s: run_onnx(s, x1)) for n, s in sessions.items()})
         info["loadavg_before"] = list(os.getloadavg())
         timings = interleaved_timings(candidates, repeats, warmup, desc="latency b1")
@@ -374,10 +388,31 @@ def run_zoo(
                 rows[label].latency = timing
         if throughput_batch and throughput_repeats:
             xb = torch.randn(throughput_batch, 3, img_size, img_size)
-            batch_candidates = {label: (lambda m=m: m(xb)) for label, m in runnable.items()}
+            batch_runners = {label: r.for_batch(throughput_batch) if isinstance(r, OpenVinoRunner) else r
+                             for label, r in runners.items()}
+            batch_candidates = {label: (lambda r=r: r(xb)) for label, r in batch_runners.items()}
             for label, timing in interleaved_timings(batch_candidates, throughput_repeats, 1,
                                                      desc=f"throughput b{throughput_batch}").items():
                 rows[label].throughput_ips = throughput_batch / (timing.median_ms / 1e3)
                 rows[label].throughput_batch = throughput_batch
         info["loadavg_after"] = list(os.getloadavg())
+        if profile:
+            for label, runner in tqdm(runners.items(), desc="profiling", leave=False):
+                ops = runner.profile(x1)
+                rows[label].extra["layout_share"] = layout_share(ops)
+                rows[label].extra["profile"] = [asdict(op) for op in ops[:12]]
     return list(rows.values()), info
+
+
+def profile_table(rows: Sequence[ModelRow], top: int = 6) -> str:
+    """Markdown: each profiled model's layout share (transposes, reorders, concats, splits, gathers) and its
+    largest op types."""
+    lines = ["| model | layout + concat + gather share | largest op types (share of node time) |",
+             "|---|---:|---|"]
+    for row in rows:
+        ops = row.extra.get("profile")
+        if ops:
+            largest = ", ".join(f"{op['op']} {op['share']:.0%}" for op in ops[:top])
+            lines.append(f"| {row.name} ({row.extra.get('runtime')} {row.extra.get('precision')}) | "
+                         f"{row.extra['layout_share']:.1%} | {largest} |")
+    return "\n".join(lines)
