@@ -142,6 +142,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"round-trip check on {where}: max relative error vs PyTorch fp32 = {result.max_relative_error:.2e}")
         if result.top1_agreement is not None:
             print(f"top-1 agreement with PyTorch fp32: {result.top1_agreement:.2%} of {result.check_images} images")
+        elif not args.calib:
+            print("note: pass --calib DIR (real images) to also check the export on real images", file=sys.stderr)
         if result.precision == "fp32" and result.max_relative_error > 1e-4:
             print("error: the exported graph differs from PyTorch by more than 1e-4", file=sys.stderr)
             return 1
