@@ -49,7 +49,7 @@ def test_overrides_types_and_round_trip() -> None:
     c = load_config("default", ["run.epochs=3", "optim.lr=1e-3", "model.kwargs.depths=[1,1,1,1]",
                                 "aug.scale=[0.5,1.0]"])
     assert c.run.epochs == 3 and c.optim.lr == 1e-3 and c.aug.scale == (0.5, 1.0)
-    assert c.model.kwargs["depths"] == [1, 1, 1, 1] and c.model.kwargs["dims"] == [32, 64, 96, 128]
+    assert c.model.name == "fcaformer_atto" and c.model.kwargs == {"depths": [1, 1, 1, 1]}
     assert config_from_dict(c.to_dict()) == c
 
 

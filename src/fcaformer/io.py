@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, resize_grid_parameters
+from .models.names import describe_model
+from .profile import count_params
 
 PROJECT_FORMAT = "fcaformer-checkpoint-v1"
 
@@ -56,12 +58,16 @@ def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:
 def model_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, Any], **extra: Any) -> dict:
     """A self-describing checkpoint: enough to rebuild ``model`` with :func:`load_model` alone.
 
-    ``extra`` entries (e.g. ``class_names``, ``metrics``) are stored alongside.
+    ``model_label`` names the network really built (:func:`fcaformer.models.names.describe_model`) and
+    ``params`` counts its parameters; ``extra`` entries (e.g. ``class_names``, ``metrics``, ``macs``) are stored
+    alongside.
     """
     return {
         "format": PROJECT_FORMAT,
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs),
+        "model_label": describe_model(model_name, model_kwargs),
+        "params": count_params(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }

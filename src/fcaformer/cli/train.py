@@ -106,7 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     val = summary["val"]
-    print(f"done: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%, val loss {val['loss']:.4f} "
+    print(f"done: {summary['model']}: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%, val loss {val['loss']:.4f} "
           f"({summary['val_images']} val images); {summary['skipped_files']} unreadable files skipped; "
           f"run folder: {config.run.output if resume is None else resume}")
     return 0

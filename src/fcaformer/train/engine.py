@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..fast import fast_attention_modules, set_fast_attention
 from ..io import atomic_json_dump, atomic_write, save_model
+from ..models.names import describe_model
 from ..profile import count_macs, count_params
 from .config import TrainConfig, config_from_dict
 from .data import (
@@ -121,6 +122,10 @@ class Trainer:
         self.model, self.model_kwargs = build_model(config, self.num_classes)
         self.params = count_params(self.model)
         self.macs = count_macs(self.model, (1, 3, config.data.img_size, config.data.img_size))
+        # what was really built (model.name with kwargs may be another variant), for logs, plots and results
+        self.model_label = describe_model(config.model.name, self.model_kwargs)
+        self.model_summary = (f"{self.model_label}: {self.params / 1e6:.2f} M params, {self.macs / 1e6:.1f} MMACs "
+                              f"at {config.data.img_size}px")
         self.model.to(self.device)
         if run.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -191,6 +196,7 @@ class Trainer:
         return {
             "model_name": self.config.model.name,
             "model_kwargs": self.model_kwargs,
+            "model_label": self.model_label,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
@@ -237,7 +243,7 @@ class Trainer:
             class_names=self.class_names,
             data_config={"img_size": d.img_size, "crop_pct": d.crop_pct, "interpolation": d.interpolation,
                          "mean": list(d.mean), "std": list(d.std)},
-            metrics=metrics or {}, train_config=self.config.to_dict(),
+            metrics=metrics or {}, train_config=self.config.to_dict(), macs=self.macs,
         )
 
     # ------------------------------------------------------------------------------------------- training
@@ -339,7 +345,7 @@ class Trainer:
             self.save_checkpoint()
             if main:
                 write_jsonl(self.out / "metrics.jsonl", self.history)
-                plot_curves(self.history, self.out / "curves.png", title=f"{cfg.model.name} - {self.out.name}")
+                plot_curves(self.history, self.out / "curves.png", title=f"{self.model_summary} - {self.out.name}")
                 self.save_model_file(record)
                 if self.writer is not None:
                     for key, value in record.items():
@@ -358,6 +364,7 @@ class Trainer:
     def _finish(self, result: EvalResult) -> dict[str, Any]:
         epoch_times = [h["epoch_time_s"] for h in self.history]
         summary = {
+            "model": self.model_label,
             "model_name": self.config.model.name,
             "model_kwargs": self.model_kwargs,
             "params": self.params,
@@ -382,7 +389,7 @@ class Trainer:
             import numpy as np
 
             plot_confusion(np.array(result.confusion), self.class_names, self.out / "confusion.png",
-                           title=f"{self.config.model.name}: top-1 {result.top1:.2f}%")
+                           title=f"{self.model_summary}; top-1 {result.top1:.2f}%")
             if self.writer is not None:
                 self.writer.close()
         return summary
@@ -404,8 +411,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
         config, state = resume_config(resume)
     trainer = Trainer(config, resume_state=state)
     if math.isfinite(trainer.lr) and trainer.dist.is_main and config.run.progress:
-        tqdm.write(f"{config.model.name}: {trainer.params / 1e6:.2f} M params, {trainer.macs / 1e6:.1f} MMACs at "
-                   f"{config.data.img_size}px; {len(trainer.train_set)} train / {len(trainer.val_set)} val images, "
+        tqdm.write(f"{trainer.model_summary}; {len(trainer.train_set)} train / {len(trainer.val_set)} val images, "
                    f"{trainer.num_classes} classes; global batch {trainer.global_batch}, lr {trainer.lr:.2e}")
         if trainer.skipped:
             tqdm.write(f"skipped {len(trainer.skipped)} unreadable files (listed in results.json)")
