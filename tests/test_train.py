@@ -339,8 +339,11 @@ def test_predict_topk_json_and_errors(trained_folder_run: tuple[Path, Path], tmp
     assert cli_main(["predict", *images, "--model", str(out / "model.pt"), "--topk", "2", "--json"]) == 0
     predictions = json.loads(capsys.readouterr().out)
     assert [p["image"] for p in predictions] == images
-    model, _ = load_model(out / "model.pt")
-    tf = build_eval_transform(32, 0.875, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    model, ckpt = load_model(out / "model.pt")
+    # the transform the run recorded (the default preset crops nothing); with BN statistics that lagged the
+    # weights the outputs hardly depended on the input, so a wrong crop went unnoticed here
+    dc = ckpt["data_config"]
+    tf = build_eval_transform(dc["img_size"], dc["crop_pct"], dc["interpolation"], dc["mean"], dc["std"])
     with torch.no_grad():
         probs = model(torch.stack([tf(_rgb(p)) for p in images])).softmax(1)
     for pred, row in zip(predictions, probs):

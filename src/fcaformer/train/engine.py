@@ -43,6 +43,7 @@ from .data import (
 from .distributed import DistInfo, all_true, barrier, init_distributed, mean_over_ranks
 from .evaluate import EvalResult, autocast, evaluate
 from .metrics import plot_confusion, plot_curves, write_jsonl
+from .precise_bn import calibration_loader, calibration_size, recalibrate_batchnorm
 from .state import load_latest_state, rng_state, save_state, set_rng_state
 
 
@@ -138,6 +139,10 @@ class Trainer:
         self.loader = train_loader(self.train_set, self.sampler, run.batch_size, config.data.workers)
         self.val_loader = eval_loader(self.val_set, run.batch_size, config.data.workers, self.dist.rank,
                                       self.dist.world_size)
+        # precise BN: the statistics of the evaluated weights, from a fixed subset of training images
+        self.bn_images = calibration_size(run.precise_bn_images, run.epochs, len(self.train_set))
+        self.bn_loader = calibration_loader(ImageDataset(train_list, eval_tf), self.bn_images, run.batch_size,
+                                            config.data.workers, run.seed, self.dist.rank, self.dist.world_size)
         self.batches_per_epoch = self.sampler.batches_per_epoch()
         if self.batches_per_epoch < config.optim.accum_steps:
             raise ValueError(
@@ -310,6 +315,9 @@ class Trainer:
             self.ema.update(self.model, step=self.pos.step)
 
     def _evaluate(self, progress: bool) -> EvalResult:
+        if self.bn_images:
+            recalibrate_batchnorm(self.eval_model(), self.bn_loader, self.device, self.config.run.amp,
+                                  self.config.run.channels_last)
         return evaluate(self.eval_model(), self.val_loader, self.num_classes, self.device, self.config.run.amp,
                         progress=progress, desc="val", channels_last=self.config.run.channels_last)
 
@@ -377,6 +385,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "global_batch": self.global_batch,
             "lr": self.lr,
+            "precise_bn_images": self.bn_images,
             "mean_epoch_time_s": sum(epoch_times) / max(len(epoch_times), 1),
             "val": result.summary(),
             "per_class_acc": dict(zip(self.class_names, result.per_class_acc)),
