@@ -23,6 +23,10 @@ NOT_ARCHITECTURE = frozenset({
 parameters follow it; the log line states it separately), its regularisation and how it is loaded."""
 
 
+HYBRID_SIZES = ("dims", "depths", "num_heads", "mlp_ratio")
+"""What makes a hybrid variant; the rest (cross_attention, lsf, window_size, ...) are switches on a variant."""
+
+
 def _normalized(value: Any) -> Any:
     return tuple(_normalized(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -55,13 +59,19 @@ def _canonical(name: str, key: str, value: Any) -> Any:
     return value
 
 
+def _differences(built: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    reference = registered_architecture(variant)
+    return {k: v for k, v in built.items() if reference.get(k) != v}
+
+
 def describe_model(name: str, kwargs: Mapping[str, Any] | None = None) -> str:
     """A name that says what ``timm.create_model(name, **kwargs)`` builds.
 
-    For FcaFormer models it is the registered variant with the same architecture (``fcaformer_l1`` with
-    femto's dims, depths and heads is ``fcaformer_femto``), else the closest one followed by the arguments
-    that differ (``"fcaformer_femto with cross_attention=False"``). Other timm models get their name and every
-    architecture argument given. Classes, resolution and regularisation are not part of the name.
+    For FcaFormer models it is the registered variant of the same sizes (``fcaformer_l1`` with femto's dims,
+    depths and heads is ``fcaformer_femto``), else the given name, followed by every architecture argument that
+    differs from that variant's (``"fcaformer_femto with cross_attention=False"``). Other timm models get
+    their name and every architecture argument given. Classes, resolution and regularisation are not part of
+    the name.
     """
     given = {k: v for k, v in (kwargs or {}).items() if k not in NOT_ARCHITECTURE}
     base = registered_architecture(name)
@@ -69,14 +79,10 @@ def describe_model(name: str, kwargs: Mapping[str, Any] | None = None) -> str:
         changes = given
     else:
         built = {**base, **{k: _canonical(name, k, v) for k, v in given.items()}}
-        # the plain L0 has no other variant; a hybrid may match any hybrid, the given name first (wins ties)
-        candidates = [name] if name == "fcaformer_l0" else [name, *(n for n in (*ARCHS, *SMALL_ARCHS) if n != name)]
-        diffs = {}
-        for candidate in candidates:
-            reference = registered_architecture(candidate)
-            diffs[candidate] = {k: v for k, v in built.items() if reference.get(k) != v}
-        name = min(candidates, key=lambda candidate: len(diffs[candidate]))
-        changes = diffs[name]
+        if name != "fcaformer_l0":  # a hybrid with another variant's sizes is that variant (L0 has no other)
+            sizes = {k: built[k] for k in HYBRID_SIZES}
+            name = next((n for n in (name, *ARCHS, *SMALL_ARCHS) if not _differences(sizes, n)), name)
+        changes = _differences(built, name)
     if not changes:
         return name
     return f"{name} with " + ", ".join(f"{k}={v!r}" for k, v in sorted(changes.items()))
