@@ -20,6 +20,23 @@ from .profile import count_params
 PROJECT_FORMAT = "fcaformer-checkpoint-v1"
 
 
+def path_label(path: str | os.PathLike) -> str:
+    """A path as the project records it in the files it writes: its last two components (``val/img.jpg``,
+    ``digits/model.pt``), enough to say what it is and nothing about the machine it was made on."""
+    return "/".join(Path(path).resolve().parts[-2:])
+
+
+def relative_path(path: str | os.PathLike, root: str | os.PathLike | None) -> str:
+    """``path`` relative to ``root`` (the dataset or run root it was found under), as recorded in written files;
+    :func:`path_label` when it is not under ``root``."""
+    if root is not None:
+        try:
+            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return path_label(path)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
     """Write a file all-or-nothing: ``write(fileobj)`` into a temp file beside ``path``, fsync, rename.
 

@@ -147,7 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..checkpoint import CheckpointError
-    from ..io import atomic_json_dump
+    from ..io import atomic_json_dump, path_label
     from ..train.config import DataConfig, config_from_dict
     from ..train.data import DataError, ImageDataset, build_eval_transform, eval_loader, load_image_lists
     from ..train.distributed import resolve_device
@@ -184,7 +184,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report = {"model": loaded.source, "kind": loaded.kind, "fast_path": loaded.fused, "img_size": dc["img_size"],
+    source = path_label(loaded.source) if Path(loaded.source).exists() else loaded.source  # no absolute paths
+    report = {"model": source, "kind": loaded.kind, "fast_path": loaded.fused, "img_size": dc["img_size"],
               **result.summary(),
               "per_class_acc": dict(zip(val.class_names, result.per_class_acc)),
               "class_names": val.class_names, "confusion": result.confusion,

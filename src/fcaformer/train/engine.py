@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..fast import fast_attention_modules, set_fast_attention
-from ..io import atomic_json_dump, atomic_write, save_model
+from ..io import atomic_json_dump, atomic_write, relative_path, save_model
 from ..models.names import describe_model
 from ..profile import count_macs, count_params
 from .config import TrainConfig, config_from_dict
@@ -114,7 +114,8 @@ class Trainer:
 
         train_list, val_list = load_image_lists(config.data)
         self.class_names = train_list.class_names
-        self.skipped = sorted(set(train_list.skipped) | set(val_list.skipped))
+        # recorded relative to the dataset root: results carry nothing of the machine they were made on
+        self.skipped = sorted({relative_path(p, config.data.root) for p in (*train_list.skipped, *val_list.skipped)})
         self.num_classes = len(self.class_names)
         train_tf, eval_tf = build_transforms(config)
         self.train_set = ImageDataset(train_list, train_tf)
