@@ -217,7 +217,7 @@ def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
     m, im = result.model, result.images
     described = f"{m.get('class')} ({m.get('kind', 'module')})"
     if "model" in m:  # what a project checkpoint's name and arguments build
-        described = f"{m['model']}: {described}"
+        described = f"{m['model']} ({m.get('class')}, {m.get('kind', 'module')})"
     lines = [
         f"# Cross-attention analysis: `{m.get('source')}`",
         "",
