@@ -379,3 +379,11 @@ def test_bf16_autocast_and_channels_last_train(tmp_path: Path) -> None:
     assert summary["steps"] == 2 and np.isfinite(summary["val"]["loss"])
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         Trainer(load_config("default", tiny_overrides(tmp_path / "fp16", "run.amp=fp16", "run.device=cpu")))
+
+
+def test_tensorboard_without_its_package_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the extra were not installed
+    code = cli_main(["train", "--tensorboard", "--set", *tiny_overrides(tmp_path / "run")])
+    assert code == 2
+    assert "pip install 'fcaformer[tensorboard]'" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from ..fast import fast_attention_modules, set_fast_attention
 from ..io import atomic_json_dump, atomic_write, relative_path, save_model
 from ..models.names import describe_model
 from ..profile import count_macs, count_params
-from .config import TrainConfig, config_from_dict
+from .config import ConfigError, TrainConfig, config_from_dict
 from .data import (
     ImageDataset,
     ResumableSampler,
@@ -193,8 +193,8 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
-                raise RuntimeError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") \
-                    from error
+                raise ConfigError("run.tensorboard=true needs the tensorboard package: "
+                                  "pip install 'fcaformer[tensorboard]'") from error
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
     # ----------------------------------------------------------------------------------------- checkpoints
