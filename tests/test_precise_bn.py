@@ -60,7 +60,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def test_distributed_processes_share_averaged_statistics(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # forked, not spawned: the workers need nothing re-imported (spawning re-imports torch and timm per process)
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     local = []
     for rank in range(2):  # what each process would have computed alone
