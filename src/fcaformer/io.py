@@ -14,8 +14,27 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, resize_grid_parameters
+from .models.names import describe_model
+from .profile import count_params
 
 PROJECT_FORMAT = "fcaformer-checkpoint-v1"
+
+
+def path_label(path: str | os.PathLike) -> str:
+    """A path as the project records it in the files it writes: its last two components (``val/img.jpg``,
+    ``digits/model.pt``), enough to say what it is and nothing about the machine it was made on."""
+    return "/".join(Path(path).resolve().parts[-2:])
+
+
+def relative_path(path: str | os.PathLike, root: str | os.PathLike | None) -> str:
+    """``path`` relative to ``root`` (the dataset or run root it was found under), as recorded in written files;
+    :func:`path_label` when it is not under ``root``."""
+    if root is not None:
+        try:
+            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return path_label(path)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
@@ -56,12 +75,16 @@ def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:
 def model_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, Any], **extra: Any) -> dict:
     """A self-describing checkpoint: enough to rebuild ``model`` with :func:`load_model` alone.
 
-    ``extra`` entries (e.g. ``class_names``, ``metrics``) are stored alongside.
+    ``model_label`` names the network really built (:func:`fcaformer.models.names.describe_model`) and
+    ``params`` counts its parameters; ``extra`` entries (e.g. ``class_names``, ``metrics``, ``macs``) are stored
+    alongside.
     """
     return {
         "format": PROJECT_FORMAT,
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs),
+        "model_label": describe_model(model_name, model_kwargs),
+        "params": count_params(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }

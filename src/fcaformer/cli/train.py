@@ -109,7 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     val = summary["val"]
-    print(f"done: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%, val loss {val['loss']:.4f} "
+    print(f"done: {summary['model']}: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%, val loss {val['loss']:.4f} "
           f"({summary['val_images']} val images); {summary['skipped_files']} unreadable files skipped; "
           f"run folder: {config.run.output if resume is None else resume}")
     return 0
@@ -150,7 +150,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..checkpoint import CheckpointError
-    from ..io import atomic_json_dump
+    from ..io import atomic_json_dump, path_label
     from ..train.config import DataConfig, config_from_dict
     from ..train.data import DataError, ImageDataset, build_eval_transform, eval_loader, load_image_lists
     from ..train.distributed import resolve_device
@@ -187,7 +187,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report = {"model": loaded.source, "kind": loaded.kind, "fast_path": loaded.fused, "img_size": dc["img_size"],
+    source = path_label(loaded.source) if Path(loaded.source).exists() else loaded.source  # no absolute paths
+    report = {"model": source, "kind": loaded.kind, "fast_path": loaded.fused, "img_size": dc["img_size"],
               **result.summary(),
               "per_class_acc": dict(zip(val.class_names, result.per_class_acc)),
               "class_names": val.class_names, "confusion": result.confusion,

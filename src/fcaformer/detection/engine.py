@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
-from ..io import atomic_json_dump, atomic_write
+from ..io import atomic_json_dump, atomic_write, path_label
 from .data import CocoDetection, collate
 from .model import build_detector
 from .training import DenseTrainConfig, load_task_model, train_dense_task
@@ -192,7 +192,7 @@ def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], out_dir:
         target = out_dir / f"{Path(path).stem}.png"
         written.append(atomic_write(target, lambda handle, p=picture: p.save(handle, format="PNG")))
         keep = out["scores"] >= score_threshold
-        records.append({"image": str(path), "detections": [
+        records.append({"image": path_label(path), "detections": [
             {"label": class_names[int(lb)], "category_id": (label_to_cat or {}).get(int(lb), int(lb)),
              "score": float(s), "box_xyxy": [float(v) for v in b]}
             for b, s, lb in zip(out["boxes"][keep], out["scores"][keep], out["labels"][keep], strict=True)]})

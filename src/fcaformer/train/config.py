@@ -122,6 +122,9 @@ class RunConfig:
     compile: bool = False
     deterministic: bool = False
     eval_every: int = 1
+    # Training images to recompute BatchNorm statistics from before each evaluation (precise BN; 0: off, null:
+    # 1,024 for runs shorter than 100 epochs, see fcaformer.train.precise_bn).
+    precise_bn_images: int | None = None
     ckpt_every_steps: int = 0
     keep_ckpts: int = 2
     tensorboard: bool = False
@@ -164,6 +167,9 @@ class TrainConfig:
              f"data.store_size={self.data.store_size} must be >= data.img_size={self.data.img_size}"),
             (self.run.keep_ckpts >= 2, f"run.keep_ckpts={self.run.keep_ckpts} must be >= 2 (fallback needs one)"),
             (self.optim.lr > 0, f"optim.lr={self.optim.lr} must be > 0"),
+            (self.run.precise_bn_images is None
+             or (isinstance(self.run.precise_bn_images, int) and self.run.precise_bn_images >= 0),
+             f"run.precise_bn_images={self.run.precise_bn_images!r} must be an integer >= 0 (0: off, null: auto)"),
         ]
         for ok, message in checks:
             if not ok:
