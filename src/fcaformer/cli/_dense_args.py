@@ -33,7 +33,8 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if ("default" not in text and action.option_strings and not action.required
-                and action.default not in (None, False, argparse.SUPPRESS)):
+                and action.default is not None and action.default is not False
+                and action.default is not argparse.SUPPRESS):
             default = action.default
             shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
             text += f" (default: {shown})"
@@ -47,11 +48,11 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, help: str,
     return parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
 
-def train_description(data: str, size_option: str, guide: str) -> str:
+def train_description(data: str, damaged: str, size_option: str, guide: str) -> str:
     """The ``--help`` description of a ``train`` action: the data checks and what CPU users must set."""
-    return (f"Train on {data}. Damaged images, label maps and annotations are skipped, named and counted; too "
-            "little usable data stops the run before training. The defaults are the paper's GPU settings: on a CPU "
-            f"set a small --model and {size_option} ({guide}, 'On a CPU').")
+    return (f"Train on {data}. Damaged {damaged} are skipped, named and counted; too little usable data stops the "
+            "run before training. The defaults are the paper's GPU settings: on a CPU set a small --model and "
+            f"{size_option} ({guide}, 'On a CPU').")
 
 
 def add_action(actions: argparse._SubParsersAction, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:

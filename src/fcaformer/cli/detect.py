@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "docs/detection.md.")
 
     train = add_action(actions, "train", "train on a COCO-format dataset",
-                       description=train_description("a COCO-format dataset", "--min-size", "docs/detection.md"))
+                       description=train_description("a COCO-format dataset", "images and annotations",
+                                                     "--min-size", "docs/detection.md"))
     train.add_argument("--data-root", required=True, help="folder the annotation file_names are relative to")
     train.add_argument("--ann", required=True, help="COCO instances .json")
     train.add_argument("--arch", default="mask_rcnn", choices=("mask_rcnn", "faster_rcnn"),

@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = add_action(actions, "train", "train on an image folder + PNG label folder (ADE20K layout)",
                        description=train_description("<img-dir>/<stem>.jpg|png with <ann-dir>/<stem>.png label maps",
-                                                     "--crop-size", "docs/segmentation.md"))
+                                                     "images and label maps", "--crop-size", "docs/segmentation.md"))
     train.add_argument("--img-dir", required=True, help="folder of training images")
     train.add_argument("--ann-dir", required=True, help="PNG label maps with the images' stems (255 = ignore)")
     train.add_argument("--num-classes", type=int, required=True, help="classes (after --reduce-zero-label)")
