@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,10 +317,20 @@ def build_transforms(config: TrainConfig) -> tuple[Callable, Callable]:
 
 
 def build_eval_transform(img_size: int, crop_pct: float, interpolation: str, mean: Sequence[float],
-                         std: Sequence[float]) -> Callable:
-    """timm's eval transform: resize to ``img_size / crop_pct``, centre crop, normalise."""
-    return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
-                            mean=tuple(mean), std=tuple(std))
+                         std: Sequence[float], crop_mode: str = "center") -> Callable:
+    """timm's eval transform: resize the shorter side to ``floor(img_size / crop_pct)`` and centre crop
+    (``crop_mode="center"``), or resize both sides to it (``"squash"``: with ``crop_pct=1`` a plain warp to
+    ``img_size`` x ``img_size``, as the release evaluates from 384 px on); then normalise."""
+    return create_transform(img_size, is_training=False, crop_pct=crop_pct, crop_mode=crop_mode,
+                            interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+
+
+def eval_transform(data_config: Mapping[str, Any]) -> Callable:
+    """:func:`build_eval_transform` of a data config (``img_size``, ``crop_pct``, ``interpolation``, ``mean``,
+    ``std``, optional ``crop_mode``), as checkpoints record it."""
+    d = data_config
+    return build_eval_transform(d["img_size"], d["crop_pct"], d["interpolation"], d["mean"], d["std"],
+                                d.get("crop_mode", "center"))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
