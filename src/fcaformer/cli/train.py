@@ -41,6 +41,18 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--tensorboard", action="store_true", help="also log to <output>/tensorboard")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs still print per epoch)")
+    tune = p.add_argument_group("fine-tuning")
+    tune.add_argument("--pretrained", metavar="SOURCE",
+                      help="start from these weights: a release checkpoint, a project checkpoint (model.pt, "
+                           ".safetensors, a training state), a safetensors/state-dict file, a timm hub folder "
+                           "(local-dir:PATH) or hf-hub:NAME; the classifier is re-initialised when the classes differ")
+    tune.add_argument("--head-init-scale", type=float,
+                      help="factor on the re-initialised classifier's initial weights (default 1)")
+    tune.add_argument("--layer-decay", type=float,
+                      help="layer-wise lr decay: each earlier layer group trains at this factor times the next one's "
+                           "lr (e.g. 0.75)")
+    tune.add_argument("--freeze-backbone", action="store_true",
+                      help="linear probe: train only the classifier on the frozen (eval-mode) backbone")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. optim.weight_decay=0.1 model.kwargs.depths=[1,1,3,1]")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_OR_STATE",
@@ -67,12 +79,15 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "run.output": args.output, "run.seed": args.seed, "run.device": args.device, "run.amp": args.amp,
         "data.workers": args.workers, "run.threads": args.threads, "optim.accum_steps": args.accum_steps,
         "optim.clip_grad": args.clip_grad, "run.ckpt_every_steps": args.ckpt_every_steps,
+        "model.pretrained": args.pretrained, "model.head_init_scale": args.head_init_scale,
+        "optim.layer_decay": args.layer_decay,
     }
     out = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     if args.data or args.dataset:
         out.append(f"data.dataset={args.dataset or _guess_dataset(args.data)}")
     for flag, key in (("deterministic", "run.deterministic"), ("channels_last", "run.channels_last"),
-                      ("compile", "run.compile"), ("tensorboard", "run.tensorboard")):
+                      ("compile", "run.compile"), ("tensorboard", "run.tensorboard"),
+                      ("freeze_backbone", "model.freeze_backbone")):
         if getattr(args, flag):
             out.append(f"{key}=true")
     if args.no_progress:
@@ -83,6 +98,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def run_train(args: argparse.Namespace) -> int:
     import yaml
 
+    from ..checkpoint import CheckpointError
     from ..train import ConfigError, load_config
     from ..train.data import DataError
     from ..train.engine import TrainingDiverged, train
@@ -100,7 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
             if ignored:
                 print(f"note: resuming uses the run's saved config; ignoring {', '.join(ignored)}", file=sys.stderr)
         summary = train(config, resume=resume)
-    except (ConfigError, DataError, FileNotFoundError) as error:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

@@ -202,6 +202,28 @@ def balanced_subset(images: ImageList, per_class: int) -> ImageList:
                      images.class_ids)
 
 
+def select_classes(images: ImageList, classes: Sequence[str | int]) -> ImageList:
+    """Only the samples of ``classes`` (folder names, e.g. ImageNet synsets, or display names), relabelled
+    ``0 .. len(classes) - 1`` in the given order.
+
+    Raises:
+        DataError: a class that the dataset does not have (the message lists the ones it has).
+    """
+    ids = images.class_ids or images.class_names
+    order = []
+    for wanted in map(str, classes):
+        if wanted in ids:
+            order.append(ids.index(wanted))
+        elif wanted in images.class_names:
+            order.append(images.class_names.index(wanted))
+        else:
+            raise DataError(f"data.classes: the dataset has no class {wanted!r}; it has {ids}")
+    relabel = {old: new for new, old in enumerate(order)}
+    samples = [(item, relabel[label]) for item, label in images.samples if label in relabel]
+    return ImageList(samples, [images.class_names[i] for i in order], images.skipped,
+                     [images.class_ids[i] for i in order] if images.class_ids else None)
+
+
 def _split(images: ImageList, fraction: float) -> tuple[ImageList, ImageList]:
     from sklearn.model_selection import train_test_split
 
@@ -248,7 +270,7 @@ def load_image_lists(cfg: DataConfig) -> tuple[ImageList, ImageList]:
     With ``cfg.cache`` the images are decoded once into memory and kept for later calls in this process (the
     reproduction runs several trainings on the same data)."""
     key = (cfg.dataset, cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_split, cfg.train_per_class,
-           cfg.val_per_class, cfg.img_size)
+           cfg.val_per_class, cfg.img_size, tuple(map(str, cfg.classes or ())))
     if cfg.cache and key in _CACHE:
         return _CACHE[key]
     train, val = _load_image_lists(cfg)
@@ -297,6 +319,8 @@ def _load_image_lists(cfg: DataConfig) -> tuple[ImageList, ImageList]:
         train.class_names = val.class_names = names
     else:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}")
+    if cfg.classes:
+        train, val = select_classes(train, cfg.classes), select_classes(val, cfg.classes)
     if cfg.train_per_class:
         train = balanced_subset(train, cfg.train_per_class)
     if cfg.val_per_class:
