@@ -172,6 +172,14 @@ def test_hf_hub_names_are_handed_to_timm(monkeypatch: pytest.MonkeyPatch) -> Non
     report = load_pretrained(_tiny(10), weights)
     assert report.loaded == report.total
 
+    def offline(name: str, pretrained: bool = False, **kwargs):
+        raise OSError("cannot reach the Hugging Face Hub\n(a long traceback-like explanation)")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(CheckpointError, match=r"^timm could not load hf-hub:someone/x: cannot reach the Hugging "
+                                              r"Face Hub$"):
+        read_pretrained("hf-hub:someone/x")
+
 
 # ---------------------------------------------------------------------------------------------- training
 def test_data_classes_selects_and_renumbers() -> None:

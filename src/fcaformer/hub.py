@@ -215,8 +215,26 @@ def _publish(tmp: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         os.rename(out, old)
     os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    if old is not None and old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink()
+
+
+def create_from_hf_hub(name: str) -> nn.Module:
+    """``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``: timm downloads the config and weights (nothing
+    in this project downloads by itself).
+
+    Raises:
+        CheckpointError: timm could not build or download it (no network, unknown repository, ...), in one line.
+    """
+    import fcaformer  # noqa: F401  (registers the models with timm)
+
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as error:  # network, hub and config errors come in many types
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"timm could not load {name}: {first_line}") from error
 
 
 # ------------------------------------------------------------------------------------------------ convert
@@ -329,13 +347,13 @@ def convert_to_hub(
         return model_card(report_for(folder))
 
     architecture = describe_model(name, kwargs)
+    params, macs = count_params(model), count_macs(model, (1, in_chans, size, size))
 
     def report_for(folder: Path) -> ConvertReport:
         return ConvertReport(
             out_dir=str(out_dir), source=weights.label, source_kind=weights.kind, source_sha256=weights.sha256,
             model=name, architecture=architecture, model_args=json.loads((folder / "config.json").read_text())
-            .get("model_args", {}), params=count_params(model), macs=count_macs(model, (1, in_chans, size, size)),
-            img_size=size, **measured,
+            .get("model_args", {}), params=params, macs=macs, img_size=size, **measured,
         )
 
     record = {"source": weights.label, "source_kind": weights.kind, "source_sha256": weights.sha256,

@@ -108,13 +108,9 @@ def read_pretrained(source: str | os.PathLike, use_ema: bool = False) -> Pretrai
 
 def _from_timm(name: str) -> PretrainedWeights:
     """``hf-hub:NAME``: timm builds the model and downloads its weights; its config says what it is."""
-    import timm
+    from .hub import create_from_hf_hub, data_config_from_pretrained_cfg
 
-    import fcaformer  # noqa: F401  (registers the models with timm)
-
-    from .hub import data_config_from_pretrained_cfg
-
-    model = timm.create_model(name, pretrained=True)
+    model = create_from_hf_hub(name)
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     kwargs = {**(getattr(model, "pretrained_model_args", None) or {}), "num_classes": model.num_classes}
     labels = cfg.get("label_names")

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_official, load_state_dict_strict, release_data_config
 from ..fast import fast_attention_modules, fuse_model
-from ..hub import HF_PREFIX, HUB_ORIGIN, LOCAL_PREFIX
+from ..hub import HF_PREFIX, HUB_ORIGIN, LOCAL_PREFIX, create_from_hf_hub
 from ..io import PROJECT_FORMAT, load_model, read_model_file
 
 
@@ -86,7 +86,7 @@ def _load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None
     path = Path(source)
     text = str(source)
     if text.startswith(HF_PREFIX):  # timm downloads it
-        model = timm.create_model(text, pretrained=True).eval()
+        model = create_from_hf_hub(text).eval()
         names, ids = _imagenet_names(model.num_classes)
         return LoadedModel(model, text, "timm", names, ids, _timm_data_config(model))
     local = text.startswith(LOCAL_PREFIX)
