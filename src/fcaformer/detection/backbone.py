@@ -21,7 +21,12 @@ import timm
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, convert_release_state_dict, is_release_layout, unwrap_state_dict
+from ..checkpoint import (
+    CheckpointError,
+    convert_release_state_dict,
+    is_release_layout,
+    unwrap_state_dict,
+)
 from ..io import read_model_file
 from ..models import ARCHS, FcaFormer, create_dense_backbone
 
