@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..fast import fast_attention_modules, set_fast_attention
 from ..io import atomic_json_dump, atomic_write, relative_path, save_model
 from ..models.names import describe_model
+from ..pretrained import classifier_prefixes, load_pretrained
 from ..profile import count_macs, count_params
 from .config import ConfigError, TrainConfig, config_from_dict
 from .data import (
@@ -126,6 +127,19 @@ class Trainer:
         self.macs = count_macs(self.model, (1, 3, config.data.img_size, config.data.img_size))
         # what was really built (model.name with kwargs may be another variant), for logs, plots and results
         self.model_label = describe_model(config.model.name, self.model_kwargs)
+        # Fine-tuning starts from pretrained weights; a resumed run takes its weights (and this report) from its
+        # training state instead.
+        self.pretrained: dict[str, Any] | None = None
+        if config.model.pretrained and resume_state is None:
+            report = load_pretrained(self.model, config.model.pretrained, self.class_names,
+                                     config.model.head_init_scale, model_label=self.model_label)
+            self.pretrained = report.to_dict()
+            if self.dist.is_main:
+                tqdm.write(report.summary())
+        if config.model.freeze_backbone:
+            classifier = classifier_prefixes(self.model)[0]
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(name.startswith(classifier))
         self.model_summary = (f"{self.model_label}: {self.params / 1e6:.2f} M params, {self.macs / 1e6:.1f} MMACs "
                               f"at {config.data.img_size}px")
         self.model.to(self.device)
@@ -147,7 +161,10 @@ class Trainer:
         self.global_batch = run.batch_size * self.dist.world_size * config.optim.accum_steps
         self.lr = config.optim.lr * self.global_batch / config.optim.lr_base_batch
         o = config.optim
+        # timm's factory: no weight decay on norms, biases and no_weight_decay(); with optim.layer_decay, one
+        # group per layer of the model's group_matcher (param_groups_layer_decay); frozen parameters left out
         self.optimizer = create_optimizer_v2(self.model, o.opt, lr=self.lr, weight_decay=o.weight_decay,
+                                             layer_decay=o.layer_decay,
                                              **({"eps": o.eps} if o.opt.lower().startswith("adam") else {}))
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, o.sched, num_epochs=run.epochs, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
@@ -208,7 +225,9 @@ class Trainer:
         BN, ``self.bn_loader``: a fixed subset of ``self.bn_images`` training images under the eval transform."""
         d, a, run = self.config.data, self.config.aug, self.config.run
         rank, world = self.dist.rank, self.dist.world_size
-        self.bn_images = calibration_size(run.precise_bn_images, run.epochs, len(self.train_set))
+        # a linear probe keeps the pretrained BatchNorm statistics
+        self.bn_images = (0 if self.config.model.freeze_backbone
+                          else calibration_size(run.precise_bn_images, run.epochs, len(self.train_set)))
         if d.on_device:
             augment = DeviceAugment(d.img_size, a.scale, hflip=a.hflip, color_jitter=a.color_jitter, mean=d.mean,
                                     std=d.std)
@@ -251,6 +270,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "class_names": self.class_names,
             "history": self.history,
+            "pretrained": self.pretrained,
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -262,6 +282,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
         self.history = list(state.get("history", []))
+        self.pretrained = state.get("pretrained")
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
@@ -285,13 +306,16 @@ class Trainer:
             class_names=self.class_names,
             data_config={"img_size": d.img_size, "crop_pct": d.crop_pct, "interpolation": d.interpolation,
                          "mean": list(d.mean), "std": list(d.std)},
-            metrics=metrics or {}, train_config=self.config.to_dict(), macs=self.macs,
+            metrics=metrics or {}, train_config=self.config.to_dict(), macs=self.macs, pretrained=self.pretrained,
         )
 
     # ------------------------------------------------------------------------------------------- training
     def _train_epoch(self, epoch: int, bar: tqdm | None) -> dict[str, float]:
         cfg, accum = self.config, self.config.optim.accum_steps
         self.train_model.train()
+        if cfg.model.freeze_backbone:  # linear probe: the frozen trunk computes as in evaluation
+            self.model.eval()
+            self.model.get_classifier().train()
         self.sampler.set_epoch(epoch, self.pos.batch)
         self.optimizer.zero_grad(set_to_none=not self.dist.distributed)
         pending: list[torch.Tensor] = []  # losses not yet checked: each check waits for the device
@@ -326,7 +350,7 @@ class Trainer:
             if bar is not None:
                 if not pending:
                     rate = seen * self.dist.world_size / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{self._lr():.2e}",
                                     img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
             if cfg.run.max_steps is not None and self.pos.step >= cfg.run.max_steps:
@@ -336,10 +360,14 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return {
             "train_loss": mean_over_ranks(loss_sum / max(seen, 1), self.device),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self._lr(),
             "epoch_time_s": elapsed,
             "train_images_per_s": seen * self.dist.world_size / max(elapsed, 1e-9),
         }
+
+    def _lr(self) -> float:
+        """The current lr of the head (with layer decay the earlier groups train at a fraction of it)."""
+        return max(group["lr"] for group in self.optimizer.param_groups)
 
     def _check_losses(self, pending: list[torch.Tensor], epoch: int, last_index: int) -> tuple[float, float]:
         """Raise :class:`TrainingDiverged` if any pending loss (batches ending at ``last_index``) is not finite
@@ -445,6 +473,7 @@ class Trainer:
             "global_batch": self.global_batch,
             "lr": self.lr,
             "precise_bn_images": self.bn_images,
+            "pretrained": self.pretrained,
             "mean_epoch_time_s": sum(epoch_times) / max(len(epoch_times), 1),
             "val": result.summary(),
             "per_class_acc": dict(zip(self.class_names, result.per_class_acc)),
