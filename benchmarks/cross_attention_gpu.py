@@ -225,13 +225,13 @@ def aggregate(folder: Path, runs: list[tuple[str, int]], codes: dict[str, int], 
     import torch
 
     from fcaformer.io import atomic_json_dump, load_model, save_model
+    from fcaformer.train.metrics import read_jsonl
 
     per_run: dict[str, Any] = {}
     for variant, seed in runs:
         name = f"{variant}-s{seed}"
         run_dir = folder / name
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                   if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
+        history = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
         entry: dict[str, Any] = {"variant": variant, "seed": seed, "exit_code": codes.get(name), "history": history,
                                  "log_tail": (run_dir / "stdout.log").read_text()[-1500:]
                                  if (run_dir / "stdout.log").exists() else ""}
@@ -273,8 +273,7 @@ def aggregate(folder: Path, runs: list[tuple[str, int]], codes: dict[str, int], 
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    from fcaformer.io import atomic_write
-    from fcaformer.train.metrics import plt
+    from fcaformer.train.metrics import plt, save_figure
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
     colors = {v: f"C{i}" for i, v in enumerate(VARIANTS)}
@@ -296,8 +295,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.legend()
     fig.suptitle(f"fcaformer_l1, {result['img_size']} px, {result['epochs']} epochs, {result['card']}")
     fig.tight_layout()
-    atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

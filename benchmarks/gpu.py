@@ -369,7 +369,7 @@ def goals(rows: dict[str, dict[str, Any]], fca: tuple[str, ...]) -> list[dict[st
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    from fcaformer.train.metrics import plt
+    from fcaformer.train.metrics import plt, save_figure
 
     rows = result["rows"]
     panels = [("infer_fp16_img_s", "inference fp16, batch 256 (img/s)"),
@@ -386,8 +386,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{result['machine']['card']}: FcaFormer fast path (red), faithful / sdpa (orange), timm peers")
     fig.tight_layout()
-    atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -387,6 +387,13 @@ def test_cli_on_project_checkpoints_with_comparison(tmp_path, capsys):
         assert data["model"]["fused"] and data["cross_ablation"]["images"] == 3 and data["lsf_effect"] is None
         assert data["accuracy"]["label_order"] == "checkpoint class_names"
         assert {p["lsf_placement"] for p in data["parameters"].values()} == {lsf}
+        # portable records: paths relative to the image folder, inputs by their last two path components
+        assert data["images"]["paths"][:2] == ["a_class/0.png", "b_class/0.png"]
+        assert data["images"]["source"] == f"{tmp_path.name}/data"
+        assert data["model"]["source"] == f"{tmp_path.name}/{name}.pt"
+        assert data["model"]["model"].startswith("fcaformer_l1 with ")
+        for written in ("analysis.json", "analysis.md"):
+            assert str(tmp_path) not in (tmp_path / "o" / name / written).read_text()
 
 
 def test_project_checkpoint_brings_its_normalisation(tmp_path):

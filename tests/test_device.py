@@ -276,6 +276,20 @@ def _voc_image(index: int, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB").resize(size))).permute(2, 0, 1) / 255.0
 
 
+def _adamw_steps(model: torch.nn.Module, loss_fn, steps: int, lr: float) -> list[float]:
+    """``steps`` AdamW updates of ``loss_fn()``; every loss must be finite. Returns the losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def test_mask_rcnn_training_steps_on_device(device: torch.device) -> None:
     from fcaformer.detection import mask_rcnn
 
@@ -290,17 +304,13 @@ def test_mask_rcnn_training_steps_on_device(device: torch.device) -> None:
                 "labels": torch.tensor([1], device=device), "masks": masks[:1].to(device)},
                {"boxes": torch.tensor([[100.0, 60.0, 190.0, 140.0]], device=device),
                 "labels": torch.tensor([2], device=device), "masks": masks[1:].to(device)}]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    totals = []
-    for _ in range(4):
+
+    def loss() -> torch.Tensor:
         losses = model(images, targets)
-        total = sum(losses.values())
         assert set(losses) >= {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness"}
-        assert torch.isfinite(total)
-        total.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        totals.append(total.item())
+        return sum(losses.values())
+
+    totals = _adamw_steps(model, loss, steps=4, lr=1e-4)
     assert totals[-1] < totals[0], totals
 
 
@@ -311,15 +321,7 @@ def test_upernet_training_steps_on_device(device: torch.device) -> None:
     model = upernet("fcaformer_l1", 4, backbone_kwargs=SMALL, decoder_channels=32).to(device).train()
     images = torch.stack([_voc_image(i, (128, 128)) for i in range(2)]).to(device)
     labels = (images.mean(1) * 4).long().clamp(max=3)  # a learnable dense target: brightness bands
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(5):
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        assert torch.isfinite(loss)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = _adamw_steps(model, lambda: torch.nn.functional.cross_entropy(model(images), labels), steps=5, lr=1e-3)
     assert losses[-1] < losses[0], losses
 
 

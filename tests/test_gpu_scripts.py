@@ -4,6 +4,7 @@ rot between the sessions that have a GPU."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ import cross_attention_gpu  # noqa: E402
 def test_device_check_dry_run_writes_tests_log_and_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "check"
     done = subprocess.run(["bash", "benchmarks/device_check.sh", str(out), "--device", "cpu", "--quick"],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
+                          capture_output=True, text=True, cwd=REPO, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["benchmark.log", "gpu.json", "gpu.md", "gpu.png", "tests.log"]
     assert "1 passed" in (out / "tests.log").read_text()

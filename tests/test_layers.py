@@ -102,8 +102,11 @@ def test_fca_stage_on_any_token_grid() -> None:
     assert out.shape == x.shape
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
-    tokens = list(stage.iter_tokens(torch.randn(1, 30, 32), (5, 6)))
-    assert len(tokens) == 3 and tokens[-1].shape == (1, 30, 32)
+    tokens = torch.randn(1, 30, 32)
+    last, taken = stage.forward_tokens(tokens, (5, 6), take_indices=[0, 2])
+    assert len(taken) == 2 and torch.equal(taken[-1], last) and last.shape == (1, 30, 32)
+    first, _ = stage.forward_tokens(tokens, (5, 6), stop_index=0)  # stops after block 0
+    assert torch.equal(first, taken[0])
 
 
 def test_cross_attention_off_is_the_same_network_without_cross_tokens() -> None:

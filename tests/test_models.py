@@ -9,11 +9,12 @@ from timm.models import get_pretrained_cfg
 from timm.models._manipulate import group_parameters
 
 import fcaformer
-from fcaformer.models import MODEL_NAMES
+from fcaformer.models import MODEL_NAMES, PAPER_MODELS, SMALL_ARCHS
 
-# Small enough for 2 CPU cores; 96 px is not the native 224 so grid-sized parameters are interpolated.
+# Small enough for 2 CPU cores; 96 px is no model's native size, so grid-sized parameters are interpolated.
 INPUT = (2, 3, 96, 96)
 HYBRIDS = [name for name in MODEL_NAMES if name != "fcaformer_l0"]
+PAPER_HYBRIDS = [name for name in PAPER_MODELS if name != "fcaformer_l0"]
 
 
 @pytest.fixture(scope="module", params=MODEL_NAMES)
@@ -44,10 +45,12 @@ def test_forward_backward_every_parameter(model_name: str) -> None:
 def test_default_cfg(model_name: str) -> None:
     model = timm.create_model(model_name).eval()
     cfg = model.pretrained_cfg
-    assert cfg["input_size"] == (3, 224, 224)
+    native = SMALL_ARCHS[model_name]["img_size"] if model_name in SMALL_ARCHS else 224
+    assert cfg["input_size"] == (3, native, native)
     assert len(cfg["mean"]) == len(cfg["std"]) == 3
     assert cfg["paper_ids"] == "arXiv:2211.07198" and cfg["license"]
     assert 0 < cfg["crop_pct"] <= 1 and cfg["interpolation"] == "bicubic"
+    assert ("not a model of the paper" in cfg["license"]) == (model_name in SMALL_ARCHS)
     classifier = model.get_submodule(cfg["classifier"])
     assert classifier is model.get_classifier() and classifier.out_features == cfg["num_classes"] == 1000
     first_conv = model.get_submodule(cfg["first_conv"])
@@ -144,7 +147,7 @@ def test_constructor_options(name: str) -> None:
 def test_params_match_spec() -> None:
     from fcaformer.profile import REFERENCE, count_params
 
-    for name in HYBRIDS:
+    for name in PAPER_HYBRIDS:
         params = count_params(timm.create_model(name)) / 1e6
         assert abs(params / REFERENCE[name][0] - 1) < 0.01, (name, params)
     l0 = count_params(timm.create_model("fcaformer_l0")) / 1e6
@@ -153,7 +156,7 @@ def test_params_match_spec() -> None:
 
 
 def test_dense_backbone_for_every_variant() -> None:
-    for name in HYBRIDS:
+    for name in PAPER_HYBRIDS:
         dims = fcaformer.models.ARCHS[name]["dims"]
         backbone = fcaformer.create_dense_backbone(name, out_dims=(8, 16, 24, 32), depths=(1, 1, 2, 1))
         assert backbone.window_size == (14, 7) and backbone.dims == dims

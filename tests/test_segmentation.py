@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from fcaformer.checkpoint import CheckpointError
 from fcaformer.cli import main as cli_main
+from fcaformer.detection.inputs import DataCheckError, SampleError
 from fcaformer.detection.training import read_task_checkpoint
 from fcaformer.segmentation import SegmentationFolder, load_segmentor_backbone, segmentor_trunk, upernet
 from fcaformer.segmentation.data import normalize
@@ -129,18 +130,21 @@ def test_bad_segmentation_inputs_are_counted_or_named(tmp_path, caplog) -> None:
     (images / "broken.jpg").write_bytes(b"garbage")
     Image.new("L", (4, 4)).save(labels / "broken.png")
     with caplog.at_level(logging.WARNING):
-        dataset = SegmentationFolder(images, labels, 21)
+        dataset = SegmentationFolder(images, labels, 21, min_usable=0.0)
     assert len(dataset) == 1
     assert dataset.skipped == {"label maps whose size differs from the image": 1,
                                "images without a label map": 1, "unreadable images or label maps": 1}
     assert "label maps whose size differs" in caplog.text
-    with pytest.raises(ValueError, match=r"values \[15\] outside \[0, 10\)"):
-        SegmentationFolder(images, labels, 10).load(0)
+    # 1 of 4 images usable: below the default --min-usable 0.5, an error that says why
+    with pytest.raises(DataCheckError, match="only 1 of 4 images .* 1 images without a label map"):
+        SegmentationFolder(images, labels, 21)
+    with pytest.raises(SampleError, match=r"values \[15\] outside \[0, 10\)"):
+        SegmentationFolder(images, labels, 10, min_usable=0.0).load(0)
     with pytest.raises(FileNotFoundError, match="label folder not found"):
         SegmentationFolder(images, tmp_path / "nope", 21)
-    Image.new("RGB", (500, 338)).save(labels / "2011_000003.png")
-    with pytest.raises(ValueError, match="single-channel"):
-        SegmentationFolder(images, labels, 21).load(0)
+    Image.new("RGB", (500, 338)).save(labels / "2011_000003.png")  # a colour image: skipped when scanned
+    with pytest.raises(ValueError, match="no usable image / label pairs .* not single-channel"):
+        SegmentationFolder(images, labels, 21, min_usable=0.0)
 
 
 # ---------------------------------------------------------------------------------- training on real data
@@ -157,9 +161,9 @@ def test_upernet_trains_on_voc_mini_with_falling_loss_resumes_and_evaluates(tmp_
     first = train_segmentor(_config(tmp_path, 2), show_progress=False)
     assert read_task_checkpoint(tmp_path / "run" / "last.pt", "segmentation")["iteration"] == 2
     resumed = train_segmentor(_config(tmp_path, 5, resume=True), show_progress=False)
-    assert len(first["losses"]) == 2 and len(resumed["losses"]) == 3
-    losses = first["losses"] + resumed["losses"]
-    assert max(losses[-2:]) < min(losses[:2])
+    assert resumed["start_iteration"] == 2 and resumed["losses"][:2] == first["losses"]  # the whole run
+    losses = resumed["losses"]
+    assert len(losses) == 5 and max(losses[-2:]) < min(losses[:2])
 
     model, raw = load_segmentor(tmp_path / "run" / "model.pt")
     img_dir, ann_dir = voc_dirs()

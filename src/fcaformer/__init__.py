@@ -1,6 +1,7 @@
 """FcaFormer: forward cross attention in a hybrid vision transformer (arXiv 2211.07198).
 
-Importing the package registers ``fcaformer_l0`` ... ``fcaformer_l4`` with timm.
+Importing the package registers the paper's ``fcaformer_l0`` ... ``fcaformer_l4`` and the small non-paper
+``fcaformer_atto`` and ``fcaformer_femto`` with timm (module name ``fcaformer``).
 """
 
 from .checkpoint import CheckpointError, checkpoint_filter_fn, load_official

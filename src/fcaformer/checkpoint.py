@@ -6,15 +6,17 @@ import math
 import os
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from .layers import FcaBlock, resize_grid_values
-from .models.hybrid import FcaFormer, FcaFormerDense
+from .models.hybrid import ARCHS, SMALL_ARCHS, FcaFormer, FcaFormerDense
+from .models.names import registered_architecture
 
 StateDict = dict[str, torch.Tensor]
 
@@ -51,6 +53,27 @@ _RENAMES: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
 ]
 
 _WRAPPER_KEYS = ("model", "model_ema", "state_dict", "module")
+
+RELEASE_WARP_SIZE = 384
+"""From this size on the release evaluates with a plain bicubic warp to size x size instead of resize + crop."""
+
+
+def release_data_config(img_size: int) -> dict[str, Any]:
+    """The release's evaluation preprocessing at ``img_size`` (its ``build_transform``, from ConvNeXt's code).
+
+    Below 384 px: ``Resize(int(img_size / 0.875), bicubic)`` (shorter side) + ``CenterCrop(img_size)``; from 384
+    px on: ``Resize((img_size, img_size), bicubic)``, a warp without crop. Then ImageNet mean/std. In the
+    project's data-config form (timm's ``crop_mode="squash"`` with ``crop_pct=1.0`` is exactly the warp).
+    """
+    warp = img_size >= RELEASE_WARP_SIZE
+    return {"img_size": img_size, "crop_pct": 1.0 if warp else 0.875, "crop_mode": "squash" if warp else "center",
+            "interpolation": "bicubic", "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
+
+
+def name_list(items: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` names of ``items`` and how many more there are, for messages."""
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return f"{list(items[:limit])}{more}"
 
 
 def is_release_layout(state_dict: Mapping[str, Any]) -> bool:
@@ -201,6 +224,22 @@ def infer_release_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
     return config
 
 
+def release_architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+    """The registered model name and ``timm.create_model`` arguments that build a release classification
+    checkpoint's network: the variant with its dims, depths and heads (``fcaformer_l1`` when none has them) and
+    every inferred argument that differs from that variant's (always ``num_classes`` and ``img_size``)."""
+    config = infer_release_config(state_dict)
+    if config.pop("windowed"):
+        raise CheckpointError("a windowed dense-prediction backbone checkpoint (mmdet/mmseg) has no classifier and is "
+                              "not a registered timm model; load it with fcaformer.load_official or the detection "
+                              "and segmentation backbone loaders")
+    sizes = {k: config[k] for k in ("dims", "depths", "num_heads")}
+    name = next((n for n in (*ARCHS, *SMALL_ARCHS)
+                 if all(registered_architecture(n)[k] == v for k, v in sizes.items())), "fcaformer_l1")
+    reference = registered_architecture(name)
+    return name, {k: v for k, v in config.items() if k not in reference or reference[k] != v}
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load`` a file (weights only) with errors that name the file and the problem."""
     path = Path(path)
@@ -232,8 +271,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if items:
-                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                parts.append(f"{len(items)} {label}: {items[:5]}{more}")
+                parts.append(f"{len(items)} {label}: {name_list(items)}")
         raise CheckpointError(
             "checkpoint does not fit the model (is it another architecture or variant?); " + "; ".join(parts)
         )
@@ -248,8 +286,11 @@ def load_official(
     """Build the model a release checkpoint describes and load it, in eval mode.
 
     Args:
-        checkpoint: a path, or an already loaded checkpoint (bare state_dict or wrapped in ``model``,
-            ``model_ema`` or ``state_dict``; mmdet/mmseg ``backbone.`` prefixes are stripped).
+        checkpoint: a path (``.pth``, a ``.safetensors`` file, or a timm hub folder / ``local-dir:PATH`` as
+            ``fcaformer convert`` writes), or an already loaded checkpoint (bare state_dict or wrapped in ``model``,
+            ``model_ema`` or ``state_dict``; mmdet/mmseg ``backbone.`` prefixes are stripped). Self-describing
+            files (hub folders, project checkpoints) are rebuilt from what they record
+            (:func:`fcaformer.io.load_model`).
         use_ema: take ``model_ema`` when the checkpoint has it.
         overrides: constructor arguments to change (e.g. ``drop_path_rate`` for fine-tuning, or ``img_size`` /
             ``window_size``: grid-sized parameters are then resized); the architecture is inferred from the
@@ -263,7 +304,11 @@ def load_official(
         FileNotFoundError: the path does not exist.
         CheckpointError: unreadable file, not an FcaFormer checkpoint, or tensors that do not fit.
     """
-    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    from .io import PROJECT_FORMAT, load_model, read_model_file  # io builds on this module
+
+    raw = read_model_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    if isinstance(raw, Mapping) and raw.get("format") == PROJECT_FORMAT:
+        return load_model(raw, **overrides)[0]
     state_dict = unwrap_state_dict(raw, use_ema=use_ema)
     config = infer_release_config(state_dict)
     windowed = config.pop("windowed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,8 +15,27 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, resize_grid_parameters
+from .models.names import describe_model
+from .profile import count_params
 
 PROJECT_FORMAT = "fcaformer-checkpoint-v1"
+
+
+def path_label(path: str | os.PathLike) -> str:
+    """A path as the project records it in the files it writes: its last two components (``val/img.jpg``,
+    ``digits/model.pt``), enough to say what it is and nothing about the machine it was made on."""
+    return "/".join(Path(path).resolve().parts[-2:])
+
+
+def relative_path(path: str | os.PathLike, root: str | os.PathLike | None) -> str:
+    """``path`` relative to ``root`` (the dataset or run root it was found under), as recorded in written files;
+    :func:`path_label` when it is not under ``root``."""
+    if root is not None:
+        try:
+            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return path_label(path)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
@@ -56,12 +76,16 @@ def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:
 def model_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, Any], **extra: Any) -> dict:
     """A self-describing checkpoint: enough to rebuild ``model`` with :func:`load_model` alone.
 
-    ``extra`` entries (e.g. ``class_names``, ``metrics``) are stored alongside.
+    ``model_label`` names the network really built (:func:`fcaformer.models.names.describe_model`) and
+    ``params`` counts its parameters; ``extra`` entries (e.g. ``class_names``, ``metrics``, ``macs``) are stored
+    alongside.
     """
     return {
         "format": PROJECT_FORMAT,
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs),
+        "model_label": describe_model(model_name, model_kwargs),
+        "params": count_params(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
@@ -88,34 +112,59 @@ def save_model(
 
 
 def read_model_file(path: str | os.PathLike) -> Any:
-    """The content of a checkpoint file: a ``.safetensors`` file as a project checkpoint dict (its tensors under
-    ``state_dict``, its metadata decoded), anything else through :func:`fcaformer.checkpoint.read_checkpoint`."""
+    """The content of a checkpoint: a timm hub folder (a directory with ``config.json``, or ``local-dir:PATH``) or
+    a project ``.safetensors`` file as a project checkpoint dict (tensors under ``state_dict``), any other
+    ``.safetensors`` file as ``{"state_dict": tensors, **its metadata}``, anything else through
+    :func:`fcaformer.checkpoint.read_checkpoint`."""
+    from .hub import hub_folder, read_hub_folder  # the hub module builds on this one
+
+    folder = hub_folder(path)
+    if folder is not None:
+        return read_hub_folder(folder)
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
-        return _read_safetensors_checkpoint(path)
+        state_dict, metadata = read_safetensors(path)
+        return {**metadata, "state_dict": state_dict}
     return read_checkpoint(path)
 
 
-def _read_safetensors_checkpoint(path: Path) -> dict[str, Any]:
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a ``.safetensors`` file. Metadata values that are JSON (as :func:`save_model` writes
+    them) are decoded; others (e.g. ``{"format": "pt"}`` of files written by other tools) stay strings."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         state_dict = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"cannot read {path} as a safetensors file (truncated or corrupt?): {error}") from error
+    return state_dict, {key: _json_or_text(value) for key, value in metadata.items()}
+
+
+def _json_or_text(value: str) -> Any:
     try:
-        raw = {key: json.loads(value) for key, value in metadata.items()}
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: metadata is not an fcaformer checkpoint's ({error})") from error
-    return {**raw, "state_dict": state_dict}
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_model(checkpoint: str | os.PathLike | dict[str, Any], **overrides: Any) -> tuple[nn.Module, dict]:
-    """Rebuild and load a model saved with :func:`save_model` (``.pt`` or ``.safetensors``); returns ``(model in
-    eval mode, checkpoint)``.
+    """Rebuild and load a model saved with :func:`save_model` (``.pt`` or ``.safetensors``) or written as a timm
+    hub folder (``fcaformer convert``); returns ``(model in eval mode, checkpoint)``.
 
     ``overrides`` change constructor arguments, not the architecture (``img_size`` or ``window_size`` resize the
     grid-sized parameters). Loading is all-or-nothing.

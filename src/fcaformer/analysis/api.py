@@ -192,7 +192,7 @@ def analyze(
             "source": images.root,
             "img_size": list(size),
             "preprocessing": "whole image resized (bicubic) to img_size, ImageNet mean/std",
-            "paths": [str(p) for p in images.paths],
+            "paths": images.names or [p.name for p in images.paths],
         },
         blocks=recorder.summary(),
         parameters=parameters,
@@ -215,10 +215,13 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 def render_markdown(result: AnalysisResult, figures: Sequence[str] = ()) -> str:
     """The markdown summary of :meth:`AnalysisResult.to_markdown`."""
     m, im = result.model, result.images
+    described = f"{m.get('class')} ({m.get('kind', 'module')})"
+    if "model" in m:  # what a project checkpoint's name and arguments build
+        described = f"{m['model']} ({m.get('class')}, {m.get('kind', 'module')})"
     lines = [
         f"# Cross-attention analysis: `{m.get('source')}`",
         "",
-        f"- model: {m.get('class')} ({m.get('kind', 'module')}), weights "
+        f"- model: {described}, weights "
         f"{'trained' if m.get('trained_weights', True) else 'random (untrained)'}",
         f"- images: {im['count']} from `{im['source']}` at {im['img_size'][0]}x{im['img_size'][1]}",
     ]

@@ -16,7 +16,8 @@ from torch import nn
 from torchvision.transforms import functional as TF
 
 from ..checkpoint import CheckpointError, load_official
-from ..io import PROJECT_FORMAT, load_model, read_model_file
+from ..io import PROJECT_FORMAT, load_model, path_label, read_model_file, relative_path
+from ..models.names import describe_model
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -83,13 +84,14 @@ def load_analysis_model(source: str | os.PathLike, **overrides: Any) -> LoadedMo
             data = checkpoint.get("data_config") or {}  # written by the trainer: size and normalisation
             size = kwargs.get("img_size", data.get("img_size"))
             img_size = _pair(size) if size is not None else native_img_size(model)
-            details = {"model_name": checkpoint.get("model_name"), "model_kwargs": _jsonable(kwargs)}
+            details = {"model": describe_model(checkpoint["model_name"], kwargs),
+                       "model_name": checkpoint.get("model_name"), "model_kwargs": _jsonable(kwargs)}
             if checkpoint.get("metrics"):
                 details["checkpoint_metrics"] = _jsonable(checkpoint["metrics"])
             names = checkpoint.get("class_names")
             return LoadedModel(
                 model,
-                text,
+                path_label(path),
                 "project",
                 img_size,
                 mean=tuple(data.get("mean", IMAGENET_DEFAULT_MEAN)),
@@ -103,7 +105,7 @@ def load_analysis_model(source: str | os.PathLike, **overrides: Any) -> LoadedMo
             raise CheckpointError(
                 f"{path} is neither a project checkpoint (format={PROJECT_FORMAT!r}) nor a release checkpoint: {error}"
             ) from error
-        return LoadedModel(model, text, "release", native_img_size(model))
+        return LoadedModel(model, path_label(path), "release", native_img_size(model))
     if text in timm.list_models("fcaformer*"):
         model = timm.create_model(text, **overrides).eval()
         return LoadedModel(
@@ -132,12 +134,17 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass
 class ImageSet:
-    """Image files, with labels (class-folder names) when they come from a class-per-folder dataset."""
+    """Image files, with labels (class-folder names) when they come from a class-per-folder dataset.
+
+    ``names`` and ``root`` are what reports record: each image relative to the folder it was found in (a file
+    given directly: its name), and the inputs by :func:`~fcaformer.io.path_label`; never absolute paths.
+    """
 
     paths: list[Path]
     labels: list[str | None]
     root: str
     classes: list[str] | None = None  # sorted class folders of a class-per-folder dataset (ImageFolder order)
+    names: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -160,6 +167,7 @@ def collect_images(inputs: Sequence[str | os.PathLike], num_images: int | None =
     """
     paths: list[Path] = []
     labels: list[str | None] = []
+    names: list[str] = []
     all_classes: list[str] | None = None
     for item in inputs:
         path = Path(item)
@@ -170,7 +178,9 @@ def collect_images(inputs: Sequence[str | os.PathLike], num_images: int | None =
                 raise ValueError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)})")
             paths.append(path)
             labels.append(None)
+            names.append(path.name)
             continue
+        start = len(paths)
         classes = sorted(p for p in path.iterdir() if p.is_dir())
         per_class = [sorted(p for p in c.iterdir() if _is_image(p)) for c in classes]
         if any(per_class):
@@ -184,13 +194,14 @@ def collect_images(inputs: Sequence[str | os.PathLike], num_images: int | None =
             files = sorted(p for p in path.iterdir() if _is_image(p))
             paths += files
             labels += [None] * len(files)
+        names += [relative_path(p, path) for p in paths[start:]]
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {[str(i) for i in inputs]}")
     if num_images is not None:
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
-        paths, labels = paths[:num_images], labels[:num_images]
-    return ImageSet(paths, labels, ", ".join(str(i) for i in inputs), all_classes)
+        paths, labels, names = paths[:num_images], labels[:num_images], names[:num_images]
+    return ImageSet(paths, labels, ", ".join(path_label(i) for i in inputs), all_classes, names)
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 # Subcommand modules (``fcaformer.cli.<name>``); each defines ``register(subparsers)`` which adds its parser
 # and sets ``func(args) -> int``.
-SUBCOMMANDS: tuple[str, ...] = ("profile", "analyze", "train", "pack", "detect", "segment", "export", "benchmark")
+SUBCOMMANDS: tuple[str, ...] = ("profile", "analyze", "train", "pack", "convert", "detect", "segment", "export",
+                               "benchmark")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,14 +9,15 @@ from ..benchmark import TIMM_PEERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..models import MODEL_NAMES
+    from ..models import MODEL_NAMES, PAPER_MODELS
 
     parser = subparsers.add_parser(
         "benchmark", help="latency / throughput / memory of the zoo (fast path) and timm peers",
         description="All models in one process, interleaved, warm-up first; medians and p90. On a shared CPU "
                     "the absolute numbers move with the load (recorded); ratios are the robust part.",
     )
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES, metavar="NAME")
+    parser.add_argument("--models", nargs="+", default=list(PAPER_MODELS), choices=MODEL_NAMES, metavar="NAME",
+                        help="FcaFormer models (default: the paper's L0-L4; also fcaformer_atto, fcaformer_femto)")
     parser.add_argument("--peers", nargs="*", default=list(TIMM_PEERS), metavar="TIMM_NAME",
                         help="timm models to compare with (pretrained=False); none: --peers")
     parser.add_argument("--img-size", type=int, default=224)

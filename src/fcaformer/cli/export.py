@@ -21,10 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "int8 need the deployment extra: pip install 'fcaformer[deploy]'.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="project checkpoint (fcaformer train) or official release checkpoint")
+    source.add_argument("--checkpoint", help="project checkpoint (fcaformer train), official release checkpoint, "
+                                             "safetensors file or timm hub folder (local-dir:PATH)")
     source.add_argument("--model", help="registered model name (fcaformer_l0 ... l4, or any timm model); "
                                         "weights are random unless --weights is given")
-    parser.add_argument("--weights", help="state_dict file for --model (project or release layout)")
+    parser.add_argument("--weights", help="state_dict or safetensors file for --model (project or release layout)")
     parser.add_argument("--dense", action="store_true", help="with --model: the windowed dense backbone")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
@@ -55,16 +56,16 @@ def load_source(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any
 
     import fcaformer
 
-    from ..checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, unwrap_state_dict
+    from ..checkpoint import CheckpointError, load_state_dict_strict, unwrap_state_dict
     from ..io import PROJECT_FORMAT, load_model, read_model_file
 
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        raw = read_model_file(path)
+    if args.checkpoint:  # project checkpoints, safetensors files, timm hub folders or release checkpoints
+        raw = read_model_file(args.checkpoint)
+        name = Path(args.checkpoint.removeprefix("local-dir:")).stem
         if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
             model, checkpoint = load_model(raw)
-            return model, path.stem, checkpoint.get("data_config")
-        return fcaformer.load_official(raw), path.stem, None
+            return model, name, checkpoint.get("data_config")
+        return fcaformer.load_official(raw), name, None
     if args.dense:
         model = fcaformer.create_dense_backbone(args.model)
     elif timm.is_model(args.model):
@@ -72,7 +73,7 @@ def load_source(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any
     else:
         raise ValueError(f"unknown model {args.model!r}; use one of {list(fcaformer.MODEL_NAMES)} or a timm name")
     if args.weights:
-        state = unwrap_state_dict(read_checkpoint(args.weights))
+        state = unwrap_state_dict(read_model_file(args.weights))
         try:
             load_state_dict_strict(model, fcaformer.checkpoint_filter_fn(state, model))
         except CheckpointError as error:

@@ -8,14 +8,15 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from ..models import MODEL_NAMES
+from ..models import MODEL_NAMES, PAPER_MODELS
 from ..profile import profile_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("profile", help="params and MACs of the model zoo")
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES, metavar="NAME",
-                        help="models to profile (default: all)")
+    parser.add_argument("--models", nargs="+", default=list(PAPER_MODELS), choices=MODEL_NAMES, metavar="NAME",
+                        help="models to profile (default: the paper's L0-L4, which have published numbers; also "
+                             "fcaformer_atto, fcaformer_femto)")
     parser.add_argument("--img-size", type=int, default=224, help="square input size (default 224)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)

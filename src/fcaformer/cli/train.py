@@ -41,6 +41,18 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--tensorboard", action="store_true", help="also log to <output>/tensorboard")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs still print per epoch)")
+    tune = p.add_argument_group("fine-tuning")
+    tune.add_argument("--pretrained", metavar="SOURCE",
+                      help="start from these weights: a release checkpoint, a project checkpoint (model.pt, "
+                           ".safetensors, a training state), a safetensors/state-dict file, a timm hub folder "
+                           "(local-dir:PATH) or hf-hub:NAME; the classifier is re-initialised when the classes differ")
+    tune.add_argument("--head-init-scale", type=float,
+                      help="factor on the re-initialised classifier's initial weights (default 1)")
+    tune.add_argument("--layer-decay", type=float,
+                      help="layer-wise lr decay: each earlier layer group trains at this factor times the next one's "
+                           "lr (e.g. 0.75)")
+    tune.add_argument("--freeze-backbone", action="store_true",
+                      help="linear probe: train only the classifier on the frozen (eval-mode) backbone")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. optim.weight_decay=0.1 model.kwargs.depths=[1,1,3,1]")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_OR_STATE",
@@ -67,12 +79,15 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "run.output": args.output, "run.seed": args.seed, "run.device": args.device, "run.amp": args.amp,
         "data.workers": args.workers, "run.threads": args.threads, "optim.accum_steps": args.accum_steps,
         "optim.clip_grad": args.clip_grad, "run.ckpt_every_steps": args.ckpt_every_steps,
+        "model.pretrained": args.pretrained, "model.head_init_scale": args.head_init_scale,
+        "optim.layer_decay": args.layer_decay,
     }
     out = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     if args.data or args.dataset:
         out.append(f"data.dataset={args.dataset or _guess_dataset(args.data)}")
     for flag, key in (("deterministic", "run.deterministic"), ("channels_last", "run.channels_last"),
-                      ("compile", "run.compile"), ("tensorboard", "run.tensorboard")):
+                      ("compile", "run.compile"), ("tensorboard", "run.tensorboard"),
+                      ("freeze_backbone", "model.freeze_backbone")):
         if getattr(args, flag):
             out.append(f"{key}=true")
     if args.no_progress:
@@ -83,6 +98,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def run_train(args: argparse.Namespace) -> int:
     import yaml
 
+    from ..checkpoint import CheckpointError
     from ..train import ConfigError, load_config
     from ..train.data import DataError
     from ..train.engine import TrainingDiverged, train
@@ -100,7 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
             if ignored:
                 print(f"note: resuming uses the run's saved config; ignoring {', '.join(ignored)}", file=sys.stderr)
         summary = train(config, resume=resume)
-    except (ConfigError, DataError, FileNotFoundError) as error:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
@@ -109,7 +125,7 @@ def run_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     val = summary["val"]
-    print(f"done: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%, val loss {val['loss']:.4f} "
+    print(f"done: {summary['model']}: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%, val loss {val['loss']:.4f} "
           f"({summary['val_images']} val images); {summary['skipped_files']} unreadable files skipped; "
           f"run folder: {config.run.output if resume is None else resume}")
     return 0
@@ -124,16 +140,18 @@ def _add_faithful_flag(parser: argparse.ArgumentParser) -> None:
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint or timm model: top-1/5, loss, images/s, per-class, confusion",
-        description="MODEL is a project checkpoint (fcaformer train's model.pt), an official FcaFormer release "
-                    "checkpoint, or a timm model name. Without --data, a project checkpoint is evaluated on the "
-                    "validation split it was trained with.",
+        description="MODEL is a project checkpoint (fcaformer train's model.pt or .safetensors), an official "
+                    "FcaFormer release checkpoint, a timm hub folder (local-dir:PATH), or a timm model name. "
+                    "Without --data, a project checkpoint is evaluated on the validation split it was trained with.",
     )
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--data", help="dataset root (ImageFolder with val/, or a CIFAR folder)")
     p.add_argument("--dataset", choices=["digits", "imagefolder", "cifar10", "cifar100"])
     p.add_argument("--weights", help="state_dict file for a timm model name")
     p.add_argument("--use-ema", action="store_true", help="official checkpoints: take model_ema if present")
-    p.add_argument("--img-size", type=int, help="override the model's evaluation size")
+    p.add_argument("--img-size", type=int,
+                   help="evaluate at this size (release weights with the release's preprocessing: resize + centre "
+                        "crop 0.875 below 384 px, a bicubic warp from 384 px on)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--val-per-class", type=int, help="evaluate on at most N images per class")
@@ -150,9 +168,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..checkpoint import CheckpointError
-    from ..io import atomic_json_dump
+    from ..io import atomic_json_dump, path_label
     from ..train.config import DataConfig, config_from_dict
-    from ..train.data import DataError, ImageDataset, build_eval_transform, eval_loader, load_image_lists
+    from ..train.data import DataError, ImageDataset, eval_loader, eval_transform, load_image_lists
     from ..train.distributed import resolve_device
     from ..train.evaluate import evaluate
     from ..train.inference import SelectOutputs, class_index_map, load_any_model
@@ -168,11 +186,8 @@ def run_eval(args: argparse.Namespace) -> int:
             raise DataError(f"--data is required to evaluate {args.model} (it carries no dataset)")
         data.val_per_class, data.train_per_class, data.cache = args.val_per_class, None, False
         _, val = load_image_lists(data)
-        dc = dict(loaded.data_config)
-        if args.img_size:
-            dc["img_size"] = args.img_size
-        dataset = ImageDataset(val, build_eval_transform(dc["img_size"], dc["crop_pct"], dc["interpolation"],
-                                                         dc["mean"], dc["std"]))
+        dc = loaded.data_config_at(args.img_size)
+        dataset = ImageDataset(val, eval_transform(dc))
         model = loaded.model
         index_map = class_index_map(loaded, val.class_ids or val.class_names)
         if index_map is not None:
@@ -187,7 +202,9 @@ def run_eval(args: argparse.Namespace) -> int:
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report = {"model": loaded.source, "kind": loaded.kind, "fast_path": loaded.fused, "img_size": dc["img_size"],
+    source = path_label(loaded.source) if Path(loaded.source).exists() else loaded.source  # no absolute paths
+    report = {"model": source, "kind": loaded.kind, "fast_path": loaded.fused, "img_size": dc["img_size"],
+              "preprocessing": dc,
               **result.summary(),
               "per_class_acc": dict(zip(val.class_names, result.per_class_acc)),
               "class_names": val.class_names, "confusion": result.confusion,
@@ -223,7 +240,8 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="top-k labels of images with class names and probabilities")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", "-m", required=True,
-                   help="project checkpoint, official release checkpoint, or timm model name")
+                   help="project checkpoint, official release checkpoint, timm hub folder (local-dir:PATH) or timm "
+                        "model name")
     p.add_argument("--weights", help="state_dict file for a timm model name")
     p.add_argument("--topk", "-k", type=int, default=5)
     p.add_argument("--device", default="auto")

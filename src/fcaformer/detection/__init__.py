@@ -6,8 +6,9 @@
 
 from .backbone import BACKBONE_MODES, LoadReport, MultiScaleBackbone, build_backbone, load_backbone_weights
 from .data import AnnotationError, CocoDetection
+from .inputs import DataCheckError, SampleError
 from .model import FcaFormerFPN, build_detector, faster_rcnn, mask_rcnn
 
-__all__ = ["BACKBONE_MODES", "AnnotationError", "CocoDetection", "FcaFormerFPN", "LoadReport",
-           "MultiScaleBackbone", "build_backbone", "build_detector", "faster_rcnn", "load_backbone_weights",
-           "mask_rcnn"]
+__all__ = ["BACKBONE_MODES", "AnnotationError", "CocoDetection", "DataCheckError", "FcaFormerFPN", "LoadReport",
+           "MultiScaleBackbone", "SampleError", "build_backbone", "build_detector", "faster_rcnn",
+           "load_backbone_weights", "mask_rcnn"]

@@ -25,9 +25,9 @@ from ..checkpoint import (
     CheckpointError,
     convert_release_state_dict,
     is_release_layout,
-    read_checkpoint,
     unwrap_state_dict,
 )
+from ..io import read_model_file
 from ..models import ARCHS, FcaFormer, create_dense_backbone
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,9 @@ class LoadReport:
 
 def backbone_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Trunk weights in this project's key layout from a release classification, mmdet or mmseg checkpoint
-    (``backbone.`` prefix), a project checkpoint (``format``/``state_dict``) or a bare state_dict."""
-    raw = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    (``backbone.`` prefix), a project checkpoint (``format``/``state_dict``), a bare state_dict, a safetensors
+    file or a timm hub folder (``local-dir:PATH``)."""
+    raw = read_model_file(source) if isinstance(source, (str, os.PathLike)) else source
     state_dict = unwrap_state_dict(raw)
     if is_release_layout(state_dict):
         return convert_release_state_dict(state_dict)

@@ -3,7 +3,31 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from torch import nn
+
+
+@torch.fx.wrap
+@register_notrace_function
+def conv2d_outside_cpu_autocast(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """``F.conv2d``, run in ``weight``'s dtype with CPU autocast off while it is on (see
+    :class:`StridedDepthwiseConv2d`). An FX leaf: the autocast state is read when the graph runs, not traced."""
+    # Nested, not `and`: TorchScript drops only the body under `not is_scripting()`, and this condition is not
+    # scriptable.
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return F.conv2d(x.to(weight.dtype), weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 class StridedDepthwiseConv2d(nn.Conv2d):
@@ -12,14 +36,14 @@ class StridedDepthwiseConv2d(nn.Conv2d):
     oneDNN's bf16 weight gradient of strided depthwise convs can leave the kernel taps that only ever see padding
     unwritten (stale memory: often NaN, possibly wrong finite values) when the map is only a few pixels across,
     e.g. the stride-4 cross-token merge of a 2x2 grid or a stride-2 downsample of a 1x1 map. These convs are a
-    tiny share of the MACs, so under CPU autocast they keep full precision. Same parameters as ``nn.Conv2d``.
+    tiny share of the MACs, so under CPU autocast they keep full precision. Same parameters as ``nn.Conv2d``
+    (zero padding only).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):
-                return super().forward(x.to(self.weight.dtype))
-        return super().forward(x)
+        return conv2d_outside_cpu_autocast(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 class ConvBN(nn.Sequential):

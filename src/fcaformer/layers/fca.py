@@ -7,18 +7,22 @@ stride 4) from the outputs of the earlier blocks of the stage.
 Grid-sized parameters (the relative-position table, the cross-token biases and the learnable scale factors)
 are stored for a *native* grid. On any other grid they are resized by bicubic interpolation over the grid; on
 the native grid the stored values are used exactly.
+
+The layers script with ``torch.jit.script`` and trace with ``torch.fx``: the functions that compare the input's
+grid with the native one (:func:`resize_grid_values`, :func:`relative_position_bias`,
+:func:`resize_cross_values`) are FX leaves (``torch.fx.wrap`` for every tracer, timm's
+``register_notrace_function`` for timm's), so a traced graph decides at run time, per input size, exactly as
+the eager module does.
 """
 
 from __future__ import annotations
 
-import math
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale
+from timm.layers import DropPath, LayerScale, register_notrace_function
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,20 +36,22 @@ Grid = tuple[int, int]
 
 def cross_grid_size(grid: Grid) -> Grid:
     """Grid of the cross tokens a block emits from a ``grid`` map (depthwise 7x7, stride 4, padding 3)."""
-    return math.ceil(grid[0] / 4), math.ceil(grid[1] / 4)
+    # integer ceil division: stays symbolic under FX tracing and torch.export
+    return -(-grid[0] // 4), -(-grid[1] // 4)
 
 
+@torch.fx.wrap
+@register_notrace_function
 def resize_grid_values(values: torch.Tensor, old_grid: Grid, new_grid: Grid) -> torch.Tensor:
     """Resize values laid out on a grid along the last dim (``(..., oh*ow) -> (..., nh*nw)``).
 
     Bicubic interpolation (no antialiasing, so the op exports to ONNX); identity on the native grid.
     """
-    if tuple(old_grid) == tuple(new_grid):
+    if old_grid[0] == new_grid[0] and old_grid[1] == new_grid[1]:
         return values
-    lead = values.shape[:-1]
     grid = values.reshape(1, -1, old_grid[0], old_grid[1])
-    resized = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
-    return resized.to(values.dtype).reshape(*lead, new_grid[0] * new_grid[1])
+    resized = F.interpolate(grid.float(), size=[new_grid[0], new_grid[1]], mode="bicubic", align_corners=False)
+    return resized.to(values.dtype).reshape(list(values.shape[:-1]) + [new_grid[0] * new_grid[1]])
 
 
 def relative_position_index(grid: Grid, device: torch.device | None = None) -> torch.Tensor:
@@ -57,6 +63,26 @@ def relative_position_index(grid: Grid, device: torch.device | None = None) -> t
     col_offsets = (cols[:, None] - cols[None, :]).abs()
     index = row_offsets[:, None, :, None] * w + col_offsets[None, :, None, :]
     return index.reshape(h * w, h * w)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def relative_position_bias(table: torch.Tensor, native_grid: Grid, grid: Grid) -> torch.Tensor:
+    """``(heads, N, N)`` bias of a ``(heads, native H*W)`` relative-position table on ``grid`` (resized first)."""
+    table = resize_grid_values(table, native_grid, grid)
+    return table[:, relative_position_index(grid, table.device)]
+
+
+@torch.fx.wrap
+@register_notrace_function
+def resize_cross_values(values: torch.Tensor, native_cross_grid: Grid, cross_grid: Grid) -> torch.Tensor:
+    """Per-cross-token values ``(..., M)`` (M = sources x native cross grid) with each source block's part
+    resized to ``cross_grid``; the same tensor on the native cross grid."""
+    if native_cross_grid[0] == cross_grid[0] and native_cross_grid[1] == cross_grid[1]:
+        return values
+    per_source = values.reshape(-1, native_cross_grid[0] * native_cross_grid[1])
+    resized = resize_grid_values(per_source, native_cross_grid, cross_grid)
+    return resized.reshape(list(values.shape[:-1]) + [-1])
 
 
 @torch.no_grad()
@@ -130,42 +156,27 @@ class FcaAttention(nn.Module):
         """``(heads, N, N)`` relative-position bias for ``grid`` (``None`` without a table)."""
         if self.rel_pos_table is None:
             return None
-        table = resize_grid_values(self.rel_pos_table, self.grid_size, grid)
-        return table[:, relative_position_index(grid, table.device)]
+        return relative_position_bias(self.rel_pos_table, self.grid_size, grid)
 
     def cross_token_bias(self, cross_grid: Grid, native_cross_grid: Grid) -> torch.Tensor:
         """``(1, heads, 1, M)`` cross-token bias, each source block's part resized to ``cross_grid``."""
-        bias = self.cross_bias
-        if tuple(cross_grid) == tuple(native_cross_grid):
-            return bias
-        num_sources = bias.shape[-1] // (native_cross_grid[0] * native_cross_grid[1])
-        per_source = bias.reshape(self.num_heads, num_sources, -1)
-        resized = resize_grid_values(per_source, native_cross_grid, cross_grid)
-        return resized.reshape(1, self.num_heads, 1, -1)
+        if self.cross_bias is None:
+            raise ValueError("this attention has no cross-token bias (built with num_cross_tokens=0)")
+        return resize_cross_values(self.cross_bias, native_cross_grid, cross_grid)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        grid: Grid,
-        cross: torch.Tensor | None = None,
-        cross_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Attend from ``x`` (B, N, C) over ``x`` and the normalised cross tokens ``cross`` (B, M, C).
-
-        On the fast path ``cross_bias`` is ignored: the attention gathers (and caches) it itself.
-        """
+    def forward(self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from ``x`` (B, N, C) over ``x`` and the normalised cross tokens ``cross`` (B, M, C)."""
         if self.fast:
             return self._forward_fast(x, grid, cross)
         batch, num_tokens, channels = x.shape
-        q, k, v = (
-            self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         logits = (q * self.scale) @ k.transpose(-2, -1)
         position_bias = self.position_bias(grid)
         if position_bias is not None:
             # Prefix tokens (a class token) sit outside the grid: zero bias to and from them.
             prefix = self.num_prefix_tokens
-            logits = logits + (F.pad(position_bias, (prefix, 0, prefix, 0)) if prefix else position_bias)
+            logits = logits + (F.pad(position_bias, [prefix, 0, prefix, 0]) if prefix else position_bias)
         if cross is not None:
             # Like the release, project a query for the cross tokens too and discard it: this path mirrors the
             # release's cost (a fused fast path skips it).
@@ -173,7 +184,9 @@ class FcaAttention(nn.Module):
                 self.qkv(cross)
                 .reshape(batch, cross.shape[1], 3, self.num_heads, self.head_dim)
                 .permute(2, 0, 3, 1, 4)
+                .unbind(0)
             )
+            cross_bias = self.cross_token_bias(cross_grid_size(grid), cross_grid_size(self.grid_size))
             cross_logits = (q * self.scale) @ k_cross.transpose(-2, -1) + cross_bias
             logits = torch.cat((logits, cross_logits), dim=-1)
             v = torch.cat((v, v_cross), dim=-2)
@@ -200,27 +213,24 @@ class FcaAttention(nn.Module):
         ``None`` when there is neither a table nor cross tokens. Differentiable; :meth:`cached_attention_bias`
         memoises it for inference.
         """
-        parts = []
+        parts: list[torch.Tensor] = []
         prefix = self.num_prefix_tokens
         num_queries = prefix + grid[0] * grid[1]
         position_bias = self.position_bias(grid)
         if position_bias is not None:
-            parts.append(F.pad(position_bias, (prefix, 0, prefix, 0)) if prefix else position_bias)
-        elif num_cross:
+            parts.append(F.pad(position_bias, [prefix, 0, prefix, 0]) if prefix else position_bias)
+        elif num_cross > 0:
             parts.append(self.qkv.weight.new_zeros(self.num_heads, num_queries, num_queries))
-        if num_cross:
-            native_cross_grid = cross_grid_size(self.grid_size)
-            cross_bias = self.cross_token_bias(cross_grid_size(grid), native_cross_grid)
-            if cross_bias.shape[-1] != num_cross:
-                raise ValueError(
-                    f"got {num_cross} cross tokens but the cross-token bias covers {cross_bias.shape[-1]} on a "
-                    f"{tuple(grid)} grid; pass the cross tokens of the earlier blocks of this stage"
-                )
+        if num_cross > 0:
+            cross_bias = self.cross_token_bias(cross_grid_size(grid), cross_grid_size(self.grid_size))
+            if not torch.jit.is_scripting():
+                _check_cross_count(cross_bias, num_cross, grid)
             parts.append(cross_bias[0].expand(-1, num_queries, -1))
-        if not parts:
+        if len(parts) == 0:
             return None
         return torch.cat(parts, dim=-1).unsqueeze(0)
 
+    @torch.jit.unused
     def cached_attention_bias(self, grid: Grid, num_cross: int) -> torch.Tensor | None:
         """:meth:`attention_bias`, gathered once per grid and reused while the parameters are unchanged.
 
@@ -228,8 +238,7 @@ class FcaAttention(nn.Module):
         (optimizer steps, ``load_state_dict``'s ``copy_``) and replaced or moved parameters all miss the cache;
         ``train()`` and ``load_state_dict`` also clear it.
         """
-        params = tuple(p for p in (self.rel_pos_table, self.cross_bias) if p is not None)
-        key = (tuple(grid), num_cross, *((p._version, p.data_ptr(), p.device, p.dtype) for p in params))
+        key = (tuple(grid), num_cross, *((p._version, p.data_ptr(), p.device, p.dtype) for p in self._bias_params()))
         bias = self._bias_cache.get(key)
         if bias is None:
             with torch.no_grad():
@@ -238,30 +247,45 @@ class FcaAttention(nn.Module):
             self._bias_cache[key] = bias
         return bias
 
-    def _forward_fast(self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None) -> torch.Tensor:
-        batch, num_tokens, channels = x.shape
-        num_cross = 0 if cross is None else cross.shape[1]
-        bias_needs_grad = torch.is_grad_enabled() and any(
-            p.requires_grad for p in (self.rel_pos_table, self.cross_bias) if p is not None
-        )
+    @torch.jit.unused
+    def _bias_params(self) -> list[nn.Parameter]:
+        return [p for p in (self.rel_pos_table, self.cross_bias) if p is not None]
+
+    @torch.jit.unused
+    def _eager_fast_bias(self, grid: Grid, num_cross: int) -> tuple[torch.Tensor | None, bool]:
+        """The bias of the fast path in eager mode, and whether to compute explicit probabilities."""
+        bias_needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._bias_params())
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or bias_needs_grad:
             # Graph capture must see the bias built from the parameters, and training needs its gradient.
             bias = self.attention_bias(grid, num_cross)
         else:
             bias = self.cached_attention_bias(grid, num_cross)
-        q, k, v = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Analysis hooks need the probabilities themselves. And with a bias that needs a gradient, PyTorch's CPU
+        # SDPA falls back to a slower unfused kernel than three explicit ops (measured on L1 training); on CUDA
+        # ``sdpa_bias_grad`` lets the memory-efficient kernel differentiate the bias instead.
+        explicit_for_grad = bias_needs_grad and not (self.sdpa_bias_grad and self.qkv.weight.is_cuda)
+        explicit = bool(self.attn_probe._forward_hooks or self.attn_probe._forward_pre_hooks or explicit_for_grad)
+        return bias, explicit
+
+    def _forward_fast(self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None) -> torch.Tensor:
+        batch, num_tokens, channels = x.shape
+        num_cross = 0 if cross is None else cross.shape[1]
+        explicit = False
+        if torch.jit.is_scripting():  # a scripted model has no bias cache and no Python hooks
+            bias = self.attention_bias(grid, num_cross)
+        else:
+            bias, explicit = self._eager_fast_bias(grid, num_cross)
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         if cross is not None:
             # Keys and values only: the release's query for the cross tokens is never used.
             kv_cross = F.linear(cross, self.qkv.weight[channels:], self.qkv.bias[channels:])
-            k_cross, v_cross = kv_cross.reshape(batch, num_cross, 2, self.num_heads, self.head_dim).permute(
-                2, 0, 3, 1, 4
+            k_cross, v_cross = (
+                kv_cross.reshape(batch, num_cross, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             )
             k = torch.cat((k, k_cross), dim=2)
             v = torch.cat((v, v_cross), dim=2)
-        explicit_for_grad = bias_needs_grad and not (self.sdpa_bias_grad and x.device.type == "cuda")
-        if self.attn_probe._forward_hooks or self.attn_probe._forward_pre_hooks or explicit_for_grad:
-            # Analysis hooks need the probabilities themselves. And with a bias that needs a gradient, PyTorch's
-            # CPU SDPA falls back to a slower unfused kernel than these three ops (measured on L1 training).
+        if explicit:
             logits = (q * self.scale) @ k.transpose(-2, -1)
             if bias is not None:
                 logits = logits + bias
@@ -273,12 +297,20 @@ class FcaAttention(nn.Module):
                 q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), dropout_p=dropout
             )
         out = out.transpose(1, 2)
-        if torch.compiler.is_compiling():
+        if not torch.jit.is_scripting() and torch.compiler.is_compiling():
             # Graph decompositions of SDPA (ONNX export) return another memory layout than the eager kernel the
             # graph was traced with; an explicit copy keeps the reshape below from being recorded as a view.
             out = out.clone(memory_format=torch.contiguous_format)
         out = out.reshape(batch, num_tokens, channels)
         return self.proj_drop(self.proj(out))
+
+
+def _check_cross_count(cross_bias: torch.Tensor, num_cross: int, grid: Grid) -> None:
+    if cross_bias.shape[-1] != num_cross:
+        raise ValueError(
+            f"got {num_cross} cross tokens but the cross-token bias covers {cross_bias.shape[-1]} on a "
+            f"{tuple(grid)} grid; pass the cross tokens of the earlier blocks of this stage"
+        )
 
 
 class FcaMlp(nn.Module):
@@ -346,10 +378,13 @@ class FcaBlock(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         native_cross = num_sources * self.cross_grid[0] * self.cross_grid[1]
 
+        self.grad_checkpointing = False
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        if num_sources:
-            self.norm_cross = nn.LayerNorm(dim, eps=norm_eps)
-            self.cross_scale = nn.Parameter(torch.ones(1, native_cross, 1)) if lsf != "none" else None
+        # None (not absent) without sources: TorchScript and FX then drop the cross-token branch statically
+        self.norm_cross = nn.LayerNorm(dim, eps=norm_eps) if num_sources else None
+        self.cross_scale = (
+            nn.Parameter(torch.ones(1, native_cross, 1)) if num_sources and lsf != "none" else None
+        )
         self.attn = FcaAttention(
             dim, num_heads, self.grid_size, native_cross, rel_pos, num_prefix_tokens, attn_drop, proj_drop
         )
@@ -375,14 +410,14 @@ class FcaBlock(nn.Module):
 
     def scale_factors(self, cross_grid: Grid) -> torch.Tensor:
         """``(1, M, 1)`` LSFs, each source block's part resized to ``cross_grid``."""
-        scale = self.cross_scale
-        if tuple(cross_grid) == self.cross_grid:
-            return scale
-        per_source = scale.reshape(self.num_sources, -1)
-        return resize_grid_values(per_source, self.cross_grid, cross_grid).reshape(1, -1, 1)
+        if self.cross_scale is None:
+            raise ValueError("this block has no LSFs (no cross-token sources, or lsf='none')")
+        return resize_cross_values(self.cross_scale.reshape(1, -1), self.cross_grid, cross_grid).reshape(1, -1, 1)
 
     def normalize_cross(self, cross: torch.Tensor, cross_grid: Grid) -> torch.Tensor:
         """LSF and LayerNorm of the incoming cross tokens, in the configured order."""
+        if self.norm_cross is None:
+            raise ValueError("this block attends to no cross tokens (num_sources=0)")
         if self.cross_scale is None:
             return self.norm_cross(cross)
         scale = self.scale_factors(cross_grid)
@@ -393,7 +428,7 @@ class FcaBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the block.
+        """Run the block (recomputed in backward while ``grad_checkpointing`` is set).
 
         Args:
             x: ``(B, P + H*W, C)`` tokens (``P`` prefix tokens first, then the grid row-major).
@@ -404,28 +439,42 @@ class FcaBlock(nn.Module):
         Returns:
             the new tokens and the ``(B, T, C)`` cross tokens this block emits (``None`` if it emits none).
         """
-        if (cross is None) != (self.num_sources == 0):
-            raise ValueError(
-                f"block expects cross tokens from {self.num_sources} earlier blocks, got "
-                f"{'none' if cross is None else tuple(cross.shape)}"
-            )
-        cross_grid = cross_grid_size(grid)
-        cross_normed = cross_bias = None
+        if not torch.jit.is_scripting():
+            if (cross is None) != (self.num_sources == 0):
+                raise ValueError(
+                    f"block expects cross tokens from {self.num_sources} earlier blocks, got "
+                    f"{'none' if cross is None else tuple(cross.shape)}"
+                )
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                return checkpoint(self._forward, x, grid, cross, use_reentrant=False)
+        return self._forward(x, grid, cross)
+
+    def _forward(
+        self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cross_normed: torch.Tensor | None = None
         if cross is not None:
-            cross_normed = self.normalize_cross(cross, cross_grid)
-            if not self.attn.fast:  # the fast path gathers (and caches) the cross-token bias itself
-                cross_bias = self.attn.cross_token_bias(cross_grid, self.cross_grid)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, cross_normed, cross_bias)))
+            cross_normed = self.normalize_cross(cross, cross_grid_size(grid))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, cross_normed)))
 
         prefix, tokens = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         batch, _, channels = tokens.shape
         feature_map = tokens.transpose(1, 2).reshape(batch, channels, grid[0], grid[1])
-        new_cross = self.merge(feature_map).flatten(2).transpose(1, 2) if self.merge is not None else None
+        new_cross: torch.Tensor | None = None
+        if self.merge is not None:
+            new_cross = self.merge(feature_map).flatten(2).transpose(1, 2)
         tokens = self.enhance(feature_map).flatten(2).transpose(1, 2)
-        x = torch.cat((prefix, tokens), dim=1) if self.num_prefix_tokens else tokens
+        x = torch.cat((prefix, tokens), dim=1) if self.num_prefix_tokens > 0 else tokens
 
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, new_cross
+
+
+def gather_cross(history: list[torch.Tensor], num_sources: int) -> torch.Tensor | None:
+    """The cross tokens a block with ``num_sources`` sources attends to: the newest entries of ``history``."""
+    if num_sources == 0:
+        return None
+    return torch.cat(history[-num_sources:], dim=1)
 
 
 class FcaStage(nn.Module):
@@ -443,7 +492,8 @@ class FcaStage(nn.Module):
         num_heads: attention heads.
         grid_size: native grid (global mode); ignored in windowed mode, where it is the window.
         downsample: module applied to the input first (``None``: identity).
-        window_size: window side for windowed mode (``None``: global attention over the whole map).
+        window_size: window side for windowed mode (``None`` or 0: global attention over the whole map; the
+            attribute is then 0).
         cab_max_d: most recent blocks whose cross tokens are kept (global mode).
         cross_attention: ``False`` builds the same stage without cross tokens (the paper's baseline).
         drop_path_rates: per-block stochastic-depth rates (default all 0).
@@ -470,7 +520,7 @@ class FcaStage(nn.Module):
             raise ValueError(f"cab_max_d must be >= 1, got {cab_max_d}")
         self.in_dim = in_dim
         self.dim = dim
-        self.window_size = window_size
+        self.window_size = window_size or 0  # 0: global attention
         self.cab_max_d = cab_max_d
         self.cross_attention = cross_attention
         self.grad_checkpointing = False
@@ -496,32 +546,44 @@ class FcaStage(nn.Module):
             for i in range(depth)
         )
 
-    def _run_block(
-        self, block: FcaBlock, x: torch.Tensor, grid: Grid, history: list[torch.Tensor]
-    ) -> torch.Tensor:
-        cross = torch.cat(history[-block.num_sources :], dim=1) if block.num_sources else None
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            x, new_cross = checkpoint(block, x, grid, cross, use_reentrant=False)
-        else:
-            x, new_cross = block(x, grid, cross)
-        if new_cross is not None:
-            history.append(new_cross)
-        return x
-
-    def iter_tokens(self, x: torch.Tensor, grid: Grid) -> Iterator[torch.Tensor]:
-        """Run the blocks in global mode on ``(B, P + H*W, C)`` tokens, yielding the tokens after each block."""
-        history: list[torch.Tensor] = []
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (outputs and gradients are unchanged)."""
+        self.grad_checkpointing = enable
         for block in self.blocks:
-            x = self._run_block(block, x, grid, history)
-            yield x
+            block.grad_checkpointing = enable
+
+    def forward_tokens(
+        self,
+        x: torch.Tensor,
+        grid: Grid,
+        take_indices: list[int] | None = None,
+        stop_index: int | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the blocks in global mode on ``(B, P + H*W, C)`` tokens.
+
+        Returns:
+            the tokens after the last block run (block ``stop_index``, or the last block), and the tokens after
+            each block listed in ``take_indices``.
+        """
+        taken: list[torch.Tensor] = []
+        history: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            # a guard rather than `break`: TorchScript unrolls loops over a ModuleList and cannot break out
+            if stop_index is None or i <= stop_index:
+                x, new_cross = block(x, grid, gather_cross(history, block.num_sources))
+                if new_cross is not None:
+                    history.append(new_cross)
+                if take_indices is not None and i in take_indices:
+                    taken.append(x)
+        return x, taken
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_dim, H, W) -> (B, dim, H', W')`` (``H' = ceil(H/2)`` with a downsample)."""
         x = self.downsample(x)
-        if self.window_size:
+        if self.window_size > 0:
             return self._forward_windowed(x)
         batch, channels, height, width = x.shape
-        tokens = deque(self.iter_tokens(x.flatten(2).transpose(1, 2), (height, width)), maxlen=1).pop()
+        tokens, _ = self.forward_tokens(x.flatten(2).transpose(1, 2), (height, width))
         return tokens.transpose(1, 2).reshape(batch, channels, height, width)
 
     def _forward_windowed(self, x: torch.Tensor) -> torch.Tensor:
@@ -533,14 +595,16 @@ class FcaStage(nn.Module):
         history: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             top_left = i % 2 == 0
-            padding = (pad_w, 0, pad_h, 0) if top_left else (0, pad_w, 0, pad_h)
+            padding = [pad_w, 0, pad_h, 0] if top_left else [0, pad_w, 0, pad_h]
             padded = F.pad(x, padding)
             windows = (
                 padded.reshape(batch, channels, rows, ws, cols, ws)
                 .permute(0, 2, 4, 3, 5, 1)
                 .reshape(batch * rows * cols, ws * ws, channels)
             )
-            windows = self._run_block(block, windows, (ws, ws), history)
+            windows, new_cross = block(windows, (ws, ws), gather_cross(history, block.num_sources))
+            if new_cross is not None:
+                history.append(new_cross)
             padded = (
                 windows.reshape(batch, rows, cols, ws, ws, channels)
                 .permute(0, 5, 1, 3, 2, 4)

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_function, trunc_normal_
 from torch import nn
 
 MIN_INPUT_SIZE = 32
 
 
+# An FX leaf (timm's registry here; the modules that call it also torch.fx.wrap it for any tracer): a traced graph
+# checks the real input when it runs. TorchScript skips the check (a scripted model's input is typed).
+@torch.fx.wrap
+@register_notrace_function
 def check_image_batch(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     """Raise ``ValueError`` (expected vs got) unless ``x`` is a float ``(B, in_chans, H, W)`` batch, H, W >= 32."""
+    if not torch.jit.is_scripting():
+        _check_image_batch(x, in_chans)
+    return x
+
+
+def _check_image_batch(x: torch.Tensor, in_chans: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
     if x.ndim != 4:
@@ -28,7 +38,6 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> torch.Tensor:
         raise ValueError(
             f"expected height and width >= {MIN_INPUT_SIZE}, got {x.shape[2]}x{x.shape[3]}; resize the input"
         )
-    return x
 
 
 POOL_TYPES = ("avg", "max", "token", "")
@@ -37,9 +46,10 @@ POOL_TYPES = ("avg", "max", "token", "")
 class ClassifierHead(nn.Module):
     """Pool, LayerNorm (skipped with ``norm_eps=None``), dropout, linear.
 
-    ``pool_type`` is ``"avg"`` / ``"max"`` over a ``(B, C, H, W)`` map, ``"token"`` (take token 0 of a
-    ``(B, N, C)`` sequence) or ``""`` (no pooling: the norm and classifier act per position, and a map stays a
-    channels-first map).
+    The input is a ``(B, C, H, W)`` map (``input_fmt="NCHW"``) or a ``(B, N, C)`` token sequence
+    (``input_fmt="NLC"``), fixed at construction so that tracing and scripting see no shape-dependent branch.
+    ``pool_type`` is ``"avg"`` / ``"max"`` over the positions, ``"token"`` (take token 0 of a sequence) or ``""``
+    (no pooling: the norm and classifier act per position, and a map stays a channels-first map).
     """
 
     def __init__(
@@ -49,9 +59,13 @@ class ClassifierHead(nn.Module):
         pool_type: str = "avg",
         drop_rate: float = 0.0,
         norm_eps: float | None = 1e-5,
+        input_fmt: str = "NCHW",
     ) -> None:
         super().__init__()
+        if input_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"input_fmt must be 'NCHW' or 'NLC', got {input_fmt!r}")
         self.dim = dim
+        self.is_map = input_fmt == "NCHW"
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm_eps is not None else nn.Identity()
         self.drop = nn.Dropout(drop_rate)
         self.pool_type = ""
@@ -69,19 +83,20 @@ class ClassifierHead(nn.Module):
             init_weights_(self.fc)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        is_map = x.ndim == 4
         if self.pool_type == "avg":
-            x = x.mean((2, 3)) if is_map else x.mean(1)
+            x = x.mean((2, 3)) if self.is_map else x.mean(1)
         elif self.pool_type == "max":
-            x = x.amax((2, 3)) if is_map else x.amax(1)
+            x = x.amax((2, 3)) if self.is_map else x.amax(1)
         elif self.pool_type == "token":
             x = x[:, 0]
-        elif is_map:
+        elif self.is_map:
             x = x.permute(0, 2, 3, 1)
         x = self.drop(self.norm(x))
         if not pre_logits:
             x = self.fc(x)
-        return x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+        if self.pool_type == "" and self.is_map:
+            x = x.permute(0, 3, 1, 2)
+        return x
 
 
 def init_weights_(module: nn.Module) -> None:

@@ -1,14 +1,13 @@
 """Hybrid FcaFormer (L1-L4): two ConvNeXt stages, then two stages of Fca blocks; and its windowed dense backbone."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: torch.fx copies forward()'s annotations into the code it generates,
+# and TorchScript (scripting a traced graph) needs them as real types, not strings.
 
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
@@ -18,13 +17,22 @@ from ..layers import Downsample, FcaStage, LsfPlacement, Stem, conv_out_size
 from ..layers.fca import fold_scale_into_linear_
 from ._common import ClassifierHead, check_image_batch, init_weights_
 
+torch.fx.wrap("check_image_batch")  # an FX leaf for every tracer (torchvision's feature extraction included)
+
 ARCHS: dict[str, dict[str, tuple[int, ...]]] = {
     "fcaformer_l1": dict(dims=(64, 128, 192, 320), depths=(2, 2, 6, 2), num_heads=(6, 10)),
     "fcaformer_l2": dict(dims=(96, 192, 320, 480), depths=(2, 2, 7, 2), num_heads=(10, 15)),
     "fcaformer_l3": dict(dims=(96, 192, 320, 512), depths=(3, 6, 12, 3), num_heads=(10, 16)),
     "fcaformer_l4": dict(dims=(128, 256, 512, 768), depths=(3, 6, 12, 3), num_heads=(16, 24)),
 }
-"""Stage dims, depths and Fca-stage heads of the zoo (SPEC section 1)."""
+"""Stage dims, depths and Fca-stage heads of the paper's hybrid models (SPEC section 1)."""
+
+SMALL_ARCHS: dict[str, dict[str, Any]] = {
+    "fcaformer_atto": dict(dims=(32, 64, 96, 128), depths=(1, 1, 3, 1), num_heads=(3, 4), img_size=32),
+    "fcaformer_femto": dict(dims=(32, 64, 96, 128), depths=(1, 1, 4, 2), num_heads=(3, 4), img_size=112),
+}
+"""Small hybrids that are not in the paper, sized for CPU training: ``fcaformer_atto`` (the embedded digits job,
+32 px) and ``fcaformer_femto`` (Imagenette at 96-112 px). Head dim 32 as in the zoo; native resolution included."""
 
 
 class ConvStage(nn.Module):
@@ -58,9 +66,13 @@ class ConvStage(nn.Module):
                 fold_scale_into_linear_(block.mlp.fc2, block.gamma)
                 block.gamma = None
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks' activations in backward (outputs and gradients are unchanged)."""
+        self.grad_checkpointing = enable
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint_sequential(self.blocks, len(self.blocks), x, use_reentrant=False)
         return self.blocks(x)
 
@@ -190,7 +202,7 @@ class FcaFormer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward, stage by stage (outputs are unchanged)."""
         for stage in self.stages:
-            stage.grad_checkpointing = enable
+            stage.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -250,7 +262,7 @@ class FcaFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def fuse(self) -> FcaFormer:
+    def fuse(self) -> "FcaFormer":
         """Convert this model in place to the fast inference path (see :func:`fcaformer.fast.fuse_model`)."""
         from ..fast import fuse_model
 
@@ -301,68 +313,6 @@ class FcaFormerDense(FcaFormer):
         """The four projected maps ``[(B, out_dims[i], H/2^(i+2), W/2^(i+2))]``."""
         maps = self.forward_intermediates(x, intermediates_only=True)
         return [proj(feature) for proj, feature in zip(self.out_proj, maps)]
-
-
-# ---------------------------------------------------------------------------------------------- timm registry
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1.conv",
-        "classifier": "head.fc",
-        "paper_ids": "arXiv:2211.07198",
-        "paper_name": "Fcaformer: Forward Cross Attention in Hybrid Vision Transformer",
-        "origin_url": "https://github.com/hkzhang-git/FcaFormer",
-        "license": "unknown (no license file in the authors' release)",
-        **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in ARCHS})
-
-
-def _create_hybrid(variant: str, pretrained: bool = False, **kwargs: Any) -> FcaFormer:
-    from ..checkpoint import checkpoint_filter_fn
-
-    arch = {**ARCHS[variant], **kwargs}
-    return build_model_with_cfg(
-        FcaFormer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **arch,
-    )
-
-
-@register_model
-def fcaformer_l1(pretrained: bool = False, **kwargs: Any) -> FcaFormer:
-    """FcaFormer-L1: 6.2 M params, 1.37 GMACs at 224, 80.3 % ImageNet top-1 (paper)."""
-    return _create_hybrid("fcaformer_l1", pretrained, **kwargs)
-
-
-@register_model
-def fcaformer_l2(pretrained: bool = False, **kwargs: Any) -> FcaFormer:
-    """FcaFormer-L2: 16.3 M params, 3.60 GMACs at 224, 83.1 % ImageNet top-1 (paper)."""
-    return _create_hybrid("fcaformer_l2", pretrained, **kwargs)
-
-
-@register_model
-def fcaformer_l3(pretrained: bool = False, **kwargs: Any) -> FcaFormer:
-    """FcaFormer-L3: 27.9 M params, 6.65 GMACs at 224, 84.2 % ImageNet top-1 (paper)."""
-    return _create_hybrid("fcaformer_l3", pretrained, **kwargs)
-
-
-@register_model
-def fcaformer_l4(pretrained: bool = False, **kwargs: Any) -> FcaFormer:
-    """FcaFormer-L4: 65.6 M params, 14.5 GMACs at 224, 84.9 % ImageNet top-1 (paper)."""
-    return _create_hybrid("fcaformer_l4", pretrained, **kwargs)
 
 
 def create_dense_backbone(variant: str = "fcaformer_l2", **kwargs: Any) -> FcaFormerDense:

@@ -1,19 +1,33 @@
 """Plain FcaFormer-L0: DeiT-Tiny whose blocks are Fca blocks (SPEC section 4; the release has no code for it)."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: torch.fx copies forward()'s annotations into the code it generates,
+# and TorchScript (scripting a traced graph) needs them as real types, not strings.
 
-from collections import deque
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import PatchEmbed, register_notrace_function, resample_abs_pos_embed, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layers import FcaStage, LsfPlacement
 from ._common import ClassifierHead, check_image_batch, init_weights_
+
+torch.fx.wrap("check_image_batch")  # an FX leaf for every tracer (torchvision's feature extraction included)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def position_embedding_for_grid(
+    pos_embed: torch.Tensor, native_grid: tuple[int, int], grid: tuple[int, int]
+) -> torch.Tensor:
+    """The ``(1, 1 + H*W, C)`` position embedding (class token first) for a ``grid`` of patches: the stored one
+    on the native grid, else resampled (an FX leaf: the comparison happens when the graph runs)."""
+    if grid[0] == native_grid[0] and grid[1] == native_grid[1]:
+        return pos_embed
+    return resample_abs_pos_embed(
+        pos_embed, [grid[0], grid[1]], [native_grid[0], native_grid[1]], num_prefix_tokens=1
+    )
 
 
 class FcaFormerPlain(nn.Module):
@@ -58,6 +72,7 @@ class FcaFormerPlain(nn.Module):
         ls_init_value: float | None = None,
     ) -> None:
         super().__init__()
+        self.num_prefix_tokens = 1  # also an instance attribute: TorchScript reads only those
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -87,7 +102,7 @@ class FcaFormerPlain(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         # the final LN belongs to the trunk (DeiT layout), so the head only pools and classifies
-        self.head = ClassifierHead(embed_dim, num_classes, global_pool, drop_rate, norm_eps=None)
+        self.head = ClassifierHead(embed_dim, num_classes, global_pool, drop_rate, norm_eps=None, input_fmt="NLC")
         self.feature_info = [
             dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.blocks.{i}") for i in range(depth)
         ]
@@ -107,7 +122,7 @@ class FcaFormerPlain(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.blocks.grad_checkpointing = enable
+        self.blocks.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -120,9 +135,7 @@ class FcaFormerPlain(nn.Module):
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.patch_embed(check_image_batch(x, self.in_chans))
         batch, height, width, channels = x.shape
-        pos_embed = self.pos_embed
-        if (height, width) != tuple(self.grid_size):
-            pos_embed = resample_abs_pos_embed(pos_embed, (height, width), self.grid_size, num_prefix_tokens=1)
+        pos_embed = position_embedding_for_grid(self.pos_embed, self.grid_size, (height, width))
         tokens = torch.cat((self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, channels)), dim=1)
         return tokens + pos_embed, (height, width)
 
@@ -140,17 +153,15 @@ class FcaFormerPlain(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks.blocks), indices)
         embedded, (height, width) = self._embed(x)
-        tokens = embedded
+        tokens, taken = self.blocks.forward_tokens(
+            embedded, (height, width), take_indices, max_index if stop_early else None
+        )
         intermediates = []
-        for i, tokens in enumerate(self.blocks.iter_tokens(embedded, (height, width))):
-            if i in take_indices:
-                out = self.norm(tokens) if norm else tokens
-                patches = out[:, 1:]
-                if output_fmt == "NCHW":
-                    patches = patches.transpose(1, 2).reshape(patches.shape[0], -1, height, width)
-                intermediates.append(patches)
-            if stop_early and i >= max_index:
-                break
+        for out in taken:
+            patches = (self.norm(out) if norm else out)[:, 1:]
+            if output_fmt == "NCHW":
+                patches = patches.transpose(1, 2).reshape(patches.shape[0], -1, height, width)
+            intermediates.append(patches)
         if intermediates_only:
             return intermediates
         return self.norm(tokens), intermediates
@@ -169,7 +180,7 @@ class FcaFormerPlain(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images to normed ``(B, 1 + N, C)`` tokens (class token first)."""
         tokens, grid = self._embed(x)
-        tokens = deque(self.blocks.iter_tokens(tokens, grid), maxlen=1).pop()
+        tokens, _ = self.blocks.forward_tokens(tokens, grid)
         return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -180,41 +191,8 @@ class FcaFormerPlain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def fuse(self) -> FcaFormerPlain:
+    def fuse(self) -> "FcaFormerPlain":
         """Convert this model in place to the fast inference path (see :func:`fcaformer.fast.fuse_model`)."""
         from ..fast import fuse_model
 
         return fuse_model(self, inplace=True)
-
-
-default_cfgs = generate_default_cfgs(
-    {
-        "fcaformer_l0.untrained": {
-            "url": "",
-            "num_classes": 1000,
-            "input_size": (3, 224, 224),
-            "pool_size": None,
-            "crop_pct": 0.875,
-            "interpolation": "bicubic",
-            "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head.fc",
-            "paper_ids": "arXiv:2211.07198",
-            "paper_name": "Fcaformer: Forward Cross Attention in Hybrid Vision Transformer",
-            "license": "apache-2.0 (this project's definition; the paper released no L0 code or weights)",
-        }
-    }
-)
-
-
-@register_model
-def fcaformer_l0(pretrained: bool = False, **kwargs: Any) -> FcaFormerPlain:
-    """FcaFormer-L0: DeiT-Tiny with forward cross attention (paper: 5.9 M params, 74.3 % top-1)."""
-    return build_model_with_cfg(
-        FcaFormerPlain,
-        "fcaformer_l0",
-        pretrained,
-        feature_cfg=dict(out_indices=(2, 5, 8, 11), feature_cls="getter"),
-        **kwargs,
-    )

@@ -11,25 +11,43 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
-from ..detection.data import SkipCounter
+from ..detection.data import SkipCounter, require_usable
+from ..detection.inputs import IMAGE_SUFFIXES, SampleError, open_rgb, probe_image
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+LABEL_MODES = ("P", "L", "I", "I;16", "1")
+"""PIL modes of single-channel label maps (class indices; palette PNGs give their indices, not colours)."""
+
+__all__ = ["IGNORE_INDEX", "IMAGE_SUFFIXES", "LABEL_MODES", "SegmentationFolder", "normalize", "read_label_map"]
+
+
+def _wrong_mode(path: str | os.PathLike, mode: str) -> str:
+    return (f"label map {path} has mode {mode}; expected a single-channel (L or palette) PNG of class indices, "
+            "not a colour image")
 
 
 def read_label_map(path: str | os.PathLike) -> np.ndarray:
-    """A PNG label map as ``(H, W)`` int64 class indices (palette PNGs give their indices, not colours)."""
-    with Image.open(path) as handle:
-        if handle.mode not in ("P", "L", "I", "I;16"):
-            raise ValueError(f"label map {path} has mode {handle.mode}; expected a single-channel (L or palette) "
-                             "PNG of class indices, not a colour image")
-        return np.asarray(handle, dtype=np.int64)
+    """A PNG label map as ``(H, W)`` int64 class indices (palette PNGs give their indices, not colours).
+
+    Raises :class:`~fcaformer.detection.inputs.SampleError` naming the file when it cannot be decoded or is not
+    a single-channel image.
+    """
+    try:
+        with Image.open(path) as handle:
+            if handle.mode not in LABEL_MODES:
+                raise SampleError(_wrong_mode(path, handle.mode))
+            return np.asarray(handle, dtype=np.int64)
+    except SampleError:
+        raise
+    except Exception as error:  # truncated or corrupt PNG: PIL raises several types
+        raise SampleError(f"label map {path}: {error}") from error
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
@@ -42,9 +60,14 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
 class SegmentationFolder(Dataset):
     """Pairs ``img_dir/<stem>.<jpg|png>`` with ``ann_dir/<stem>.png`` (ADE20K / VOC layout).
 
-    Pairs that cannot be used are skipped, logged and counted in ``self.skipped``: images without a label
-    map, unreadable images or label maps, and label maps whose size differs from their image. A label value
-    outside ``[0, num_classes)`` (other than 255) raises a ``ValueError`` naming the file when the pair is read.
+    Pairs that cannot be used are skipped, logged, named and counted in ``self.skipped`` (and every case in
+    ``self.skip_details``) when the folders are scanned: images without a label map, unreadable or truncated
+    images or label maps (header and end marker are checked), label maps that are not single-channel (e.g.
+    colour visualisations) and label maps whose size differs from their image. Fewer than ``min_usable`` of
+    the images left raises :class:`~fcaformer.detection.inputs.DataCheckError` saying why. A pair that fails
+    when it is read (a file damaged beyond its header, label values outside ``[0, num_classes)`` other than
+    255) raises :class:`~fcaformer.detection.inputs.SampleError` (a ``ValueError``) naming the file; training
+    and evaluation skip it.
 
     Args:
         img_dir, ann_dir: the two folders.
@@ -56,6 +79,8 @@ class SegmentationFolder(Dataset):
         scale_range: ``(low, high)`` random scale factor on top of ``base_size`` (multi-scale training);
             ``None`` for a fixed scale.
         crop_size: train crop ``(H, W)``.
+        min_usable: smallest usable fraction of the images (0: only require one pair).
+        progress: show a progress bar while the folders are checked.
     """
 
     def __init__(
@@ -69,6 +94,8 @@ class SegmentationFolder(Dataset):
         base_size: int = 512,
         scale_range: tuple[float, float] | None = (0.5, 2.0),
         crop_size: Sequence[int] = (512, 512),
+        min_usable: float = 0.5,
+        progress: bool = False,
     ) -> None:
         self.img_dir, self.ann_dir = Path(img_dir), Path(ann_dir)
         for label, folder in (("image", self.img_dir), ("label", self.ann_dir)):
@@ -80,30 +107,40 @@ class SegmentationFolder(Dataset):
         self.base_size = base_size
         self.scale_range = scale_range
         self.crop_size = tuple(crop_size)
-        skips = SkipCounter()
+        skips = SkipCounter(log)
         self.samples: list[tuple[Path, Path]] = []
         images = sorted(p for p in self.img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for image_path in images:
+        for image_path in tqdm(images, desc="checking images", disable=not progress, dynamic_ncols=True):
             label_path = self.ann_dir / f"{image_path.stem}.png"
             if not label_path.exists():
                 skips.add("images without a label map", f"{image_path} (no {label_path})")
                 continue
             try:
-                with Image.open(image_path) as image, Image.open(label_path) as label:
-                    sizes = image.size, label.size
-            except (UnidentifiedImageError, OSError) as error:
-                skips.add("unreadable images or label maps", f"{image_path}: {error}")
+                (image_size, _), (label_size, label_mode) = probe_image(image_path), probe_image(label_path)
+            except SampleError as error:
+                skips.add("unreadable images or label maps", str(error))
                 continue
+            if label_mode not in LABEL_MODES:
+                skips.add("label maps that are not single-channel class indices", _wrong_mode(label_path,
+                                                                                              label_mode))
+                continue
+            sizes = image_size, label_size
             if sizes[0] != sizes[1]:
                 skips.add("label maps whose size differs from the image",
                           f"{label_path} is {sizes[1][0]}x{sizes[1][1]}, image {sizes[0][0]}x{sizes[0][1]}")
                 continue
             self.samples.append((image_path, label_path))
+        self.listed = len(images)  # before the checks
         self.skipped = skips.counts
+        self.skip_details = skips.details
         skips.report(str(self.img_dir))
+        if not images:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.img_dir}")
         if not self.samples:
-            raise ValueError(f"no usable image / label pairs in {self.img_dir} and {self.ann_dir}: "
-                             f"{dict(skips.counts) or 'no images found'}")
+            raise ValueError(f"no usable image / label pairs in {self.img_dir} and {self.ann_dir}: skipped "
+                             f"{skips.summary()}")
+        require_usable(f"images in {self.img_dir}", len(self.samples), len(images), min_usable, skips,
+                       f"Label maps are read from {self.ann_dir} as <image stem>.png: check --ann-dir.")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -111,16 +148,18 @@ class SegmentationFolder(Dataset):
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image float ``(3, H, W)`` in [0, 1] and label ``(H, W)`` int64 (255 = ignore), untransformed."""
         image_path, label_path = self.samples[index]
-        with Image.open(image_path) as handle:
-            image = torch.from_numpy(np.asarray(handle.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+        image = torch.from_numpy(np.asarray(open_rgb(image_path)).copy()).permute(2, 0, 1).float() / 255
         label = read_label_map(label_path)
+        if label.shape != image.shape[1:]:
+            raise SampleError(f"label map {label_path} decodes to {label.shape[1]}x{label.shape[0]}, its image "
+                              f"{image_path} to {image.shape[2]}x{image.shape[1]}")
         if self.reduce_zero_label:
             label = np.where(label == 0, IGNORE_INDEX, label - 1)
             label[label == IGNORE_INDEX - 1] = IGNORE_INDEX
         invalid = (label >= self.num_classes) & (label != IGNORE_INDEX) | (label < 0)
         if invalid.any():
             values = sorted(set(np.unique(label[invalid]).tolist()))[:10]
-            raise ValueError(f"label map {label_path} has values {values} outside [0, {self.num_classes}) and not "
+            raise SampleError(f"label map {label_path} has values {values} outside [0, {self.num_classes}) and not "
                              f"{IGNORE_INDEX}; set num_classes / --num-classes (or --reduce-zero-label for ADE20K)")
         return image, torch.from_numpy(label)
 

@@ -18,14 +18,19 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm import tqdm
 
-from ..detection.engine import read_image
+from ..detection.inputs import PredictInputs, SampleError, palette
 from ..detection.training import DenseTrainConfig, load_task_model, train_dense_task
-from ..io import atomic_write
+from ..io import atomic_json_dump, atomic_write, path_label
 from .data import IGNORE_INDEX, SegmentationFolder, normalize
 from .model import SIZE_DIVISOR, segment_logits, segmentor_trunk, upernet
 
 log = logging.getLogger(__name__)
 TASK = "segmentation"
+CPU_CROP = 256
+"""Largest crop side that training on a CPU does not warn about (with ``fcaformer_l1``)."""
+
+__all__ = ["SegmentTrainConfig", "class_names_of", "evaluate_segmentor", "infer", "load_segmentor", "palette",
+           "predict_files", "read_class_names", "scores_from_confusion", "train_segmentor"]
 
 
 @dataclass(kw_only=True)
@@ -73,20 +78,27 @@ def train_segmentor(config: SegmentTrainConfig, show_progress: bool = True) -> d
     for side in config.crop_size:
         if side % SIZE_DIVISOR:
             raise ValueError(f"crop_size sides must be multiples of {SIZE_DIVISOR}, got {config.crop_size}")
+    if config.class_names is not None and len(config.class_names) != config.num_classes:
+        raise ValueError(f"{len(config.class_names)} class names for {config.num_classes} classes: give one name per "
+                         "class (after --reduce-zero-label), in label order")
+    val: list[SegmentationFolder] = []  # scanned once, at the first validation
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
-        val = SegmentationFolder(config.val_img_dir, config.val_ann_dir, config.num_classes,
-                                 reduce_zero_label=config.reduce_zero_label)
+        if not val:
+            val.append(SegmentationFolder(config.val_img_dir, config.val_ann_dir, config.num_classes,
+                                          reduce_zero_label=config.reduce_zero_label, min_usable=config.min_usable))
         test_size = config.base_size if config.val_test_size is None else config.val_test_size
-        return evaluate_segmentor(model, val, mode=config.val_mode, test_size=test_size,
+        return evaluate_segmentor(model, val[0], mode=config.val_mode, test_size=test_size,
                                   crop_size=config.crop_size, show_progress=show_progress)
 
+    heavy = config.variant != "fcaformer_l1" or max(config.crop_size) > CPU_CROP
     return train_dense_task(
         config, TASK,
         make_dataset=lambda: SegmentationFolder(config.img_dir, config.ann_dir, config.num_classes,
                                                 reduce_zero_label=config.reduce_zero_label, train=True,
                                                 base_size=config.base_size, scale_range=config.scale_range,
-                                                crop_size=config.crop_size),
+                                                crop_size=config.crop_size, min_usable=config.min_usable,
+                                                progress=show_progress),
         builder_for=lambda dataset: builder_kwargs(config),
         build_model=upernet,
         trunk_of=segmentor_trunk,
@@ -95,6 +107,12 @@ def train_segmentor(config: SegmentTrainConfig, show_progress: bool = True) -> d
         # a one-image remainder batch fails BatchNorm after the decoder's 1x1 pyramid pooling
         drop_last=True,
         evaluate=evaluate if config.val_img_dir and config.val_ann_dir else None,
+        metric_names=("mIoU", "pixel_acc"),
+        describe=f"UperNet, crops {config.crop_size[0]}x{config.crop_size[1]} from shorter side {config.base_size}",
+        cpu_advice=(f"training {config.variant} on {config.crop_size[0]}x{config.crop_size[1]} crops on the CPU is "
+                    "slow (watch the rate in the progress bar). For a first run on a CPU, use a small model and "
+                    f"input: --model fcaformer_l1 --crop-size {CPU_CROP} --base-size {CPU_CROP} --decoder-channels "
+                    "128 --batch-size 4 (see docs/segmentation.md, 'On a CPU')") if heavy else None,
         # the scale / crop / flip augmentations draw from Python's random, not torch's generator
         seeders=(torch.manual_seed, np.random.seed, random.seed),
         show_progress=show_progress,
@@ -168,28 +186,24 @@ def scores_from_confusion(confusion: torch.Tensor) -> dict[str, Any]:
 def evaluate_segmentor(model: nn.Module, dataset: SegmentationFolder, mode: str = "whole",
                        crop_size: Sequence[int] = (512, 512), test_size: int = 0,
                        show_progress: bool = True) -> dict[str, Any]:
-    """mIoU and pixel accuracy over ``dataset`` (whole images, label 255 ignored) from torchmetrics'
-    multiclass confusion matrix."""
+    """mIoU, pixel accuracy and per-class IoU (see :func:`scores_from_confusion`) over ``dataset`` (whole
+    images, label 255 ignored) from torchmetrics' multiclass confusion matrix, and ``images``: how many were
+    evaluated. Pairs that fail to load are left out, logged and listed in ``skipped_when_loaded``."""
     confusion = MulticlassConfusionMatrix(dataset.num_classes, ignore_index=IGNORE_INDEX)
+    failed: list[str] = []
     for index in tqdm(range(len(dataset)), desc="eval", disable=not show_progress, dynamic_ncols=True):
-        image, label = dataset.load(index)
+        try:
+            image, label = dataset.load(index)
+        except SampleError as error:
+            log.warning("evaluation skips an image that cannot be loaded: %s", error)
+            failed.append(str(error))
+            continue
         logits = infer(model, normalize(image), mode, crop_size, test_size=test_size)
         confusion.update(logits.argmax(0).flatten(), label.flatten())
-    return scores_from_confusion(confusion.compute())
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """The PASCAL VOC colour map (bit-interleaved), ``(num_classes, 3)`` uint8; distinct for up to 256."""
-    colours = np.zeros((num_classes, 3), np.uint8)
-    for index in range(num_classes):
-        value, r, g, b = index, 0, 0, 0
-        for bit in range(8):
-            r |= ((value >> 0) & 1) << (7 - bit)
-            g |= ((value >> 1) & 1) << (7 - bit)
-            b |= ((value >> 2) & 1) << (7 - bit)
-            value >>= 3
-        colours[index] = (r, g, b)
-    return colours
+    if len(failed) == len(dataset):
+        raise ValueError(f"none of the {len(dataset)} images in {dataset.img_dir} can be loaded (e.g. {failed[0]})")
+    return {**scores_from_confusion(confusion.compute()), "images": len(dataset) - len(failed),
+            "skipped_when_loaded": failed}
 
 
 def blend(image: torch.Tensor, prediction: torch.Tensor, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -199,20 +213,78 @@ def blend(image: torch.Tensor, prediction: torch.Tensor, colours: np.ndarray, al
     return ((1 - alpha) * rgb + alpha * mask).round().clip(0, 255).astype(np.uint8)
 
 
+def read_class_names(path: str | os.PathLike, num_classes: int | None = None) -> list[str]:
+    """Class names from a text file, one a line (blank lines ignored); with ``num_classes``, a file with another
+    number of names is refused (``ValueError``)."""
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"class names file not found: {path}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as error:
+        raise ValueError(f"class names file {path} is not a text file ({error})") from error
+    if num_classes is not None and len(names) != num_classes:
+        raise ValueError(f"{path} has {len(names)} class names but --num-classes is {num_classes}: give one name "
+                         "per class (after --reduce-zero-label), in label order")
+    return names
+
+
+def class_names_of(raw: Mapping[str, Any]) -> list[str]:
+    """The class names stored in a segmentation checkpoint, or ``"class <i>"`` when it has none."""
+    names = raw.get("class_names")
+    return list(names) if names else [f"class {i}" for i in range(raw["builder"]["num_classes"])]
+
+
+def plot_legend(class_names: Sequence[str], classes: Sequence[int], path: str | os.PathLike) -> Path:
+    """A PNG legend: the palette colour and name of each of ``classes``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colours = palette(len(class_names)) / 255
+    handles = [Patch(facecolor=colours[c], edgecolor="black", label=f"{c}: {class_names[c]}") for c in classes]
+    fig = plt.figure(figsize=(3.2, 0.3 * len(handles) + 0.4))
+    fig.legend(handles=handles, loc="center", frameon=False)
+    out = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return out
+
+
 def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   num_classes: int, mode: str = "whole", crop_size: Sequence[int] = (512, 512),
-                  alpha: float = 0.5, test_size: int = 0, show_progress: bool = True) -> list[Path]:
-    """Segment image files; writes ``<stem>.png`` (colour mask blended over the image) and
-    ``<stem>_labels.png`` (class indices) into ``out_dir``."""
+                  alpha: float = 0.5, test_size: int = 0, show_progress: bool = True,
+                  class_names: Sequence[str] | None = None) -> list[Path]:
+    """Segment image files and folders (a folder: the images in it); returns the overlays' paths.
+
+    Writes into ``out_dir``, for each input, ``<name>.png`` (class colours blended over the image) and
+    ``<name>_labels.png`` (class indices), where ``<name>`` is the file stem, or the path relative to the
+    inputs' common folder when two inputs share a stem; then ``legend.png`` (colour and name of each class
+    predicted) and ``predictions.json`` (for each input its outputs and the fraction of pixels of each class,
+    by name; inputs that could not be read with their ``error``).
+    """
     out_dir = Path(out_dir)
+    names = list(class_names) if class_names else [f"class {i}" for i in range(num_classes)]
     colours = palette(num_classes)
     written = []
-    for path in tqdm(paths, desc="predict", disable=not show_progress, dynamic_ncols=True):
-        image = read_image(path)
-        prediction = infer(model, normalize(image), mode, crop_size, test_size=test_size).argmax(0)
-        overlay = Image.fromarray(blend(image, prediction, colours, alpha))
+    records: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    inputs = PredictInputs(paths, (".png", "_labels.png"), log, show_progress)
+    for item in inputs:
+        prediction = infer(model, normalize(item.image), mode, crop_size, test_size=test_size).argmax(0)
+        overlay = Image.fromarray(blend(item.image, prediction, colours, alpha))
         labels = Image.fromarray(prediction.numpy().astype(np.uint8), mode="L")
-        stem = Path(path).stem
-        written.append(atomic_write(out_dir / f"{stem}.png", lambda h, p=overlay: p.save(h, format="PNG")))
-        atomic_write(out_dir / f"{stem}_labels.png", lambda h, p=labels: p.save(h, format="PNG"))
+        overlay_path = atomic_write(out_dir / f"{item.stem}.png", lambda h, p=overlay: p.save(h, format="PNG"))
+        labels_path = atomic_write(out_dir / f"{item.stem}_labels.png", lambda h, p=labels: p.save(h, format="PNG"))
+        written.append(overlay_path)
+        counts = torch.bincount(prediction.flatten(), minlength=num_classes)
+        present = [int(c) for c in torch.nonzero(counts).flatten()]
+        seen.update(present)
+        records.append({"image": path_label(item.path), "overlay": overlay_path.relative_to(out_dir).as_posix(),
+                        "labels": labels_path.relative_to(out_dir).as_posix(),
+                        "class_fractions": {names[c]: round(float(counts[c]) / prediction.numel(), 6)
+                                            for c in present}})
+    if seen:
+        plot_legend(names, sorted(seen), out_dir / "legend.png")
+    atomic_json_dump(records + inputs.failed, out_dir / "predictions.json")
     return written

@@ -26,11 +26,20 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     """Which network to build: ``timm.create_model(name, num_classes=<from data>, img_size=<data.img_size>,
-    **kwargs)``."""
+    **kwargs)``, and what to start it from."""
 
     name: str = "fcaformer_l1"
     kwargs: dict[str, Any] = field(default_factory=dict)
     drop_path_rate: float = 0.0
+    # Fine-tuning: weights to start from (a release, project or training-state checkpoint, a safetensors or
+    # state-dict file, a timm hub folder / local-dir:PATH, or hf-hub:NAME; see fcaformer.pretrained). Not used when
+    # resuming: the training state has the weights.
+    pretrained: str | None = None
+    # Factor on the fresh classifier's initial weights when the pretrained one cannot be used (other classes).
+    head_init_scale: float = 1.0
+    # Linear probe: train only the classifier; the rest runs in eval mode (frozen BatchNorm statistics, no
+    # dropout or stochastic depth) and precise BN is off.
+    freeze_backbone: bool = False
 
 
 @dataclass
@@ -62,6 +71,8 @@ class DataConfig:
     verify_images: bool = True
     cache: bool = False
     class_names_file: str | None = "classes.json"
+    # Keep only these classes (folder names or display names), numbered in this order; null: all.
+    classes: list[str] | None = None
     on_device: bool = False
     store_size: int | None = None
 
@@ -103,6 +114,9 @@ class OptimConfig:
     accum_steps: int = 1
     ema: bool = False
     ema_decay: float = 0.9999
+    # Layer-wise lr decay (timm's param_groups_layer_decay over the model's group_matcher): the head trains at
+    # lr, each earlier layer group at layer_decay times the one after it. null: off.
+    layer_decay: float | None = None
 
 
 @dataclass
@@ -122,6 +136,9 @@ class RunConfig:
     compile: bool = False
     deterministic: bool = False
     eval_every: int = 1
+    # Training images to recompute BatchNorm statistics from before each evaluation (precise BN; 0: off, null:
+    # 1,024 for runs shorter than 100 epochs, see fcaformer.train.precise_bn).
+    precise_bn_images: int | None = None
     ckpt_every_steps: int = 0
     keep_ckpts: int = 2
     tensorboard: bool = False
@@ -164,6 +181,18 @@ class TrainConfig:
              f"data.store_size={self.data.store_size} must be >= data.img_size={self.data.img_size}"),
             (self.run.keep_ckpts >= 2, f"run.keep_ckpts={self.run.keep_ckpts} must be >= 2 (fallback needs one)"),
             (self.optim.lr > 0, f"optim.lr={self.optim.lr} must be > 0"),
+            (self.model.pretrained is None or (isinstance(self.model.pretrained, str) and self.model.pretrained),
+             f"model.pretrained={self.model.pretrained!r} must be a path, local-dir:PATH or hf-hub:NAME"),
+            (self.model.head_init_scale > 0, f"model.head_init_scale={self.model.head_init_scale} must be > 0"),
+            (self.optim.layer_decay is None or 0 < self.optim.layer_decay <= 1,
+             f"optim.layer_decay={self.optim.layer_decay} must be in (0, 1] (or null: off)"),
+            (self.data.classes is None or (isinstance(self.data.classes, list) and self.data.classes
+                                           and all(isinstance(c, (str, int)) for c in self.data.classes)
+                                           and len(set(self.data.classes)) == len(self.data.classes)),
+             f"data.classes={self.data.classes!r} must be a list of distinct class names (or null: all)"),
+            (self.run.precise_bn_images is None
+             or (isinstance(self.run.precise_bn_images, int) and self.run.precise_bn_images >= 0),
+             f"run.precise_bn_images={self.run.precise_bn_images!r} must be an integer >= 0 (0: off, null: auto)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,28 @@ def balanced_subset(images: ImageList, per_class: int) -> ImageList:
                      images.class_ids)
 
 
+def select_classes(images: ImageList, classes: Sequence[str | int]) -> ImageList:
+    """Only the samples of ``classes`` (folder names, e.g. ImageNet synsets, or display names), relabelled
+    ``0 .. len(classes) - 1`` in the given order.
+
+    Raises:
+        DataError: a class that the dataset does not have (the message lists the ones it has).
+    """
+    ids = images.class_ids or images.class_names
+    order = []
+    for wanted in map(str, classes):
+        if wanted in ids:
+            order.append(ids.index(wanted))
+        elif wanted in images.class_names:
+            order.append(images.class_names.index(wanted))
+        else:
+            raise DataError(f"data.classes: the dataset has no class {wanted!r}; it has {ids}")
+    relabel = {old: new for new, old in enumerate(order)}
+    samples = [(item, relabel[label]) for item, label in images.samples if label in relabel]
+    return ImageList(samples, [images.class_names[i] for i in order], images.skipped,
+                     [images.class_ids[i] for i in order] if images.class_ids else None)
+
+
 def _split(images: ImageList, fraction: float) -> tuple[ImageList, ImageList]:
     from sklearn.model_selection import train_test_split
 
@@ -248,7 +270,7 @@ def load_image_lists(cfg: DataConfig) -> tuple[ImageList, ImageList]:
     With ``cfg.cache`` the images are decoded once into memory and kept for later calls in this process (the
     reproduction runs several trainings on the same data)."""
     key = (cfg.dataset, cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_split, cfg.train_per_class,
-           cfg.val_per_class, cfg.img_size)
+           cfg.val_per_class, cfg.img_size, tuple(map(str, cfg.classes or ())))
     if cfg.cache and key in _CACHE:
         return _CACHE[key]
     train, val = _load_image_lists(cfg)
@@ -297,6 +319,8 @@ def _load_image_lists(cfg: DataConfig) -> tuple[ImageList, ImageList]:
         train.class_names = val.class_names = names
     else:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}")
+    if cfg.classes:
+        train, val = select_classes(train, cfg.classes), select_classes(val, cfg.classes)
     if cfg.train_per_class:
         train = balanced_subset(train, cfg.train_per_class)
     if cfg.val_per_class:
@@ -317,10 +341,20 @@ def build_transforms(config: TrainConfig) -> tuple[Callable, Callable]:
 
 
 def build_eval_transform(img_size: int, crop_pct: float, interpolation: str, mean: Sequence[float],
-                         std: Sequence[float]) -> Callable:
-    """timm's eval transform: resize to ``img_size / crop_pct``, centre crop, normalise."""
-    return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
-                            mean=tuple(mean), std=tuple(std))
+                         std: Sequence[float], crop_mode: str = "center") -> Callable:
+    """timm's eval transform: resize the shorter side to ``floor(img_size / crop_pct)`` and centre crop
+    (``crop_mode="center"``), or resize both sides to it (``"squash"``: with ``crop_pct=1`` a plain warp to
+    ``img_size`` x ``img_size``, as the release evaluates from 384 px on); then normalise."""
+    return create_transform(img_size, is_training=False, crop_pct=crop_pct, crop_mode=crop_mode,
+                            interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+
+
+def eval_transform(data_config: Mapping[str, Any]) -> Callable:
+    """:func:`build_eval_transform` of a data config (``img_size``, ``crop_pct``, ``interpolation``, ``mean``,
+    ``std``, optional ``crop_mode``), as checkpoints record it."""
+    d = data_config
+    return build_eval_transform(d["img_size"], d["crop_pct"], d["interpolation"], d["mean"], d["std"],
+                                d.get("crop_mode", "center"))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:

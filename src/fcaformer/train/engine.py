@@ -27,9 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..fast import fast_attention_modules, set_fast_attention
-from ..io import atomic_json_dump, atomic_write, save_model
+from ..io import atomic_json_dump, atomic_write, relative_path, save_model
+from ..models.names import describe_model
+from ..pretrained import classifier_prefixes, load_pretrained
 from ..profile import count_macs, count_params
-from .config import TrainConfig, config_from_dict
+from .config import ConfigError, TrainConfig, config_from_dict
 from .data import (
     ImageDataset,
     ImageList,
@@ -44,6 +46,7 @@ from .device_data import DeviceAugment, DeviceEvalLoader, DeviceSplit, DeviceTra
 from .distributed import DistInfo, align_parameter_strides, all_true, barrier, init_distributed, mean_over_ranks
 from .evaluate import EvalResult, autocast, evaluate
 from .metrics import plot_confusion, plot_curves, write_jsonl
+from .precise_bn import calibration_indices, calibration_loader, calibration_size, recalibrate_batchnorm
 from .state import load_latest_state, rng_state, save_state, set_rng_state
 
 
@@ -114,13 +117,31 @@ class Trainer:
 
         train_list, val_list = load_image_lists(config.data)
         self.class_names = train_list.class_names
-        self.skipped = sorted(set(train_list.skipped) | set(val_list.skipped))
+        # recorded relative to the dataset root: results carry nothing of the machine they were made on
+        self.skipped = sorted({relative_path(p, config.data.root) for p in (*train_list.skipped, *val_list.skipped)})
         self.num_classes = len(self.class_names)
         self.train_set, self.val_set = self._datasets(train_list, val_list)
 
         self.model, self.model_kwargs = build_model(config, self.num_classes)
         self.params = count_params(self.model)
         self.macs = count_macs(self.model, (1, 3, config.data.img_size, config.data.img_size))
+        # what was really built (model.name with kwargs may be another variant), for logs, plots and results
+        self.model_label = describe_model(config.model.name, self.model_kwargs)
+        # Fine-tuning starts from pretrained weights; a resumed run takes its weights (and this report) from its
+        # training state instead.
+        self.pretrained: dict[str, Any] | None = None
+        if config.model.pretrained and resume_state is None:
+            report = load_pretrained(self.model, config.model.pretrained, self.class_names,
+                                     config.model.head_init_scale, model_label=self.model_label)
+            self.pretrained = report.to_dict()
+            if self.dist.is_main:
+                tqdm.write(report.summary())
+        if config.model.freeze_backbone:
+            classifier = classifier_prefixes(self.model)[0]
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(name.startswith(classifier))
+        self.model_summary = (f"{self.model_label}: {self.params / 1e6:.2f} M params, {self.macs / 1e6:.1f} MMACs "
+                              f"at {config.data.img_size}px")
         self.model.to(self.device)
         if run.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -128,7 +149,7 @@ class Trainer:
             set_fast_attention(self.model)
         self.ema = ModelEmaV3(self.model, decay=config.optim.ema_decay) if config.optim.ema else None
 
-        self._build_loaders()
+        self._build_loaders(train_list)
         self.batches_per_epoch = self.sampler.batches_per_epoch()
         if self.batches_per_epoch < config.optim.accum_steps:
             raise ValueError(
@@ -140,7 +161,10 @@ class Trainer:
         self.global_batch = run.batch_size * self.dist.world_size * config.optim.accum_steps
         self.lr = config.optim.lr * self.global_batch / config.optim.lr_base_batch
         o = config.optim
+        # timm's factory: no weight decay on norms, biases and no_weight_decay(); with optim.layer_decay, one
+        # group per layer of the model's group_matcher (param_groups_layer_decay); frozen parameters left out
         self.optimizer = create_optimizer_v2(self.model, o.opt, lr=self.lr, weight_decay=o.weight_decay,
+                                             layer_decay=o.layer_decay,
                                              **({"eps": o.eps} if o.opt.lower().startswith("adam") else {}))
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, o.sched, num_epochs=run.epochs, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
@@ -181,8 +205,8 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
-                raise RuntimeError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") \
-                    from error
+                raise ConfigError("run.tensorboard=true needs the tensorboard package: "
+                                  "pip install 'fcaformer[tensorboard]'") from error
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
     # ---------------------------------------------------------------------------------------------- data
@@ -196,10 +220,14 @@ class Trainer:
         train_tf, eval_tf = build_transforms(self.config)
         return ImageDataset(train_list, train_tf), ImageDataset(val_list, eval_tf)
 
-    def _build_loaders(self) -> None:
-        """``self.sampler`` (set_epoch, batches_per_epoch), ``self.loader`` and ``self.val_loader``."""
+    def _build_loaders(self, train_list: ImageList) -> None:
+        """``self.sampler`` (set_epoch, batches_per_epoch), ``self.loader``, ``self.val_loader`` and, for precise
+        BN, ``self.bn_loader``: a fixed subset of ``self.bn_images`` training images under the eval transform."""
         d, a, run = self.config.data, self.config.aug, self.config.run
         rank, world = self.dist.rank, self.dist.world_size
+        # a linear probe keeps the pretrained BatchNorm statistics
+        self.bn_images = (0 if self.config.model.freeze_backbone
+                          else calibration_size(run.precise_bn_images, run.epochs, len(self.train_set)))
         if d.on_device:
             augment = DeviceAugment(d.img_size, a.scale, hflip=a.hflip, color_jitter=a.color_jitter, mean=d.mean,
                                     std=d.std)
@@ -207,10 +235,16 @@ class Trainer:
                                                            world_size=world, seed=run.seed)
             self.val_loader = DeviceEvalLoader(self.val_set, run.batch_size, d.img_size, d.crop_pct, d.mean, d.std,
                                                rank=rank, world_size=world)
+            chosen = calibration_indices(len(self.train_set), self.bn_images, run.seed)
+            calibration = DeviceSplit(self.train_set.images[chosen], self.train_set.labels[chosen])
+            self.bn_loader = DeviceEvalLoader(calibration, run.batch_size, d.img_size, d.crop_pct, d.mean, d.std,
+                                              rank=rank, world_size=world)
             return
         self.sampler = ResumableSampler(self.train_set, run.batch_size, rank=rank, world_size=world, seed=run.seed)
         self.loader = train_loader(self.train_set, self.sampler, run.batch_size, d.workers)
         self.val_loader = eval_loader(self.val_set, run.batch_size, d.workers, rank, world)
+        self.bn_loader = calibration_loader(ImageDataset(train_list, self.val_set.transform), self.bn_images,
+                                            run.batch_size, d.workers, run.seed, rank, world)
 
     def _example_batch(self) -> torch.Tensor:
         """Two training-size images on the device, in the training memory format."""
@@ -223,6 +257,7 @@ class Trainer:
         return {
             "model_name": self.config.model.name,
             "model_kwargs": self.model_kwargs,
+            "model_label": self.model_label,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
@@ -235,6 +270,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "class_names": self.class_names,
             "history": self.history,
+            "pretrained": self.pretrained,
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -246,6 +282,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
         self.history = list(state.get("history", []))
+        self.pretrained = state.get("pretrained")
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
@@ -269,13 +306,16 @@ class Trainer:
             class_names=self.class_names,
             data_config={"img_size": d.img_size, "crop_pct": d.crop_pct, "interpolation": d.interpolation,
                          "mean": list(d.mean), "std": list(d.std)},
-            metrics=metrics or {}, train_config=self.config.to_dict(),
+            metrics=metrics or {}, train_config=self.config.to_dict(), macs=self.macs, pretrained=self.pretrained,
         )
 
     # ------------------------------------------------------------------------------------------- training
     def _train_epoch(self, epoch: int, bar: tqdm | None) -> dict[str, float]:
         cfg, accum = self.config, self.config.optim.accum_steps
         self.train_model.train()
+        if cfg.model.freeze_backbone:  # linear probe: the frozen trunk computes as in evaluation
+            self.model.eval()
+            self.model.get_classifier().train()
         self.sampler.set_epoch(epoch, self.pos.batch)
         self.optimizer.zero_grad(set_to_none=not self.dist.distributed)
         pending: list[torch.Tensor] = []  # losses not yet checked: each check waits for the device
@@ -310,7 +350,7 @@ class Trainer:
             if bar is not None:
                 if not pending:
                     rate = seen * self.dist.world_size / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{self._lr():.2e}",
                                     img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
             if cfg.run.max_steps is not None and self.pos.step >= cfg.run.max_steps:
@@ -320,10 +360,14 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return {
             "train_loss": mean_over_ranks(loss_sum / max(seen, 1), self.device),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self._lr(),
             "epoch_time_s": elapsed,
             "train_images_per_s": seen * self.dist.world_size / max(elapsed, 1e-9),
         }
+
+    def _lr(self) -> float:
+        """The current lr of the head (with layer decay the earlier groups train at a fraction of it)."""
+        return max(group["lr"] for group in self.optimizer.param_groups)
 
     def _check_losses(self, pending: list[torch.Tensor], epoch: int, last_index: int) -> tuple[float, float]:
         """Raise :class:`TrainingDiverged` if any pending loss (batches ending at ``last_index``) is not finite
@@ -355,6 +399,9 @@ class Trainer:
             self.ema.update(self.model, step=self.pos.step)
 
     def _evaluate(self, progress: bool) -> EvalResult:
+        if self.bn_images:
+            recalibrate_batchnorm(self.eval_model(), self.bn_loader, self.device, self.config.run.amp,
+                                  self.config.run.channels_last)
         return evaluate(self.eval_model(), self.val_loader, self.num_classes, self.device, self.config.run.amp,
                         progress=progress, desc="val", channels_last=self.config.run.channels_last)
 
@@ -392,7 +439,7 @@ class Trainer:
             if main:
                 write_jsonl(self.out / "metrics.jsonl", self.history)
                 if result is not None:  # curves and model.pt follow the evaluations
-                    plot_curves(self.history, self.out / "curves.png", title=f"{cfg.model.name} - {self.out.name}")
+                    plot_curves(self.history, self.out / "curves.png", title=f"{self.model_summary} - {self.out.name}")
                     self.save_model_file(record)
                 if self.writer is not None:
                     for key, value in record.items():
@@ -411,6 +458,7 @@ class Trainer:
     def _finish(self, result: EvalResult) -> dict[str, Any]:
         epoch_times = [h["epoch_time_s"] for h in self.history]
         summary = {
+            "model": self.model_label,
             "model_name": self.config.model.name,
             "model_kwargs": self.model_kwargs,
             "params": self.params,
@@ -424,6 +472,8 @@ class Trainer:
             "distributed": self.dist.distributed,
             "global_batch": self.global_batch,
             "lr": self.lr,
+            "precise_bn_images": self.bn_images,
+            "pretrained": self.pretrained,
             "mean_epoch_time_s": sum(epoch_times) / max(len(epoch_times), 1),
             "val": result.summary(),
             "per_class_acc": dict(zip(self.class_names, result.per_class_acc)),
@@ -436,7 +486,7 @@ class Trainer:
             import numpy as np
 
             plot_confusion(np.array(result.confusion), self.class_names, self.out / "confusion.png",
-                           title=f"{self.config.model.name}: top-1 {result.top1:.2f}%")
+                           title=f"{self.model_summary}; top-1 {result.top1:.2f}%")
             if self.writer is not None:
                 self.writer.close()
         return summary
@@ -458,8 +508,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
         config, state = resume_config(resume)
     trainer = Trainer(config, resume_state=state)
     if math.isfinite(trainer.lr) and trainer.dist.is_main and config.run.progress:
-        tqdm.write(f"{config.model.name}: {trainer.params / 1e6:.2f} M params, {trainer.macs / 1e6:.1f} MMACs at "
-                   f"{config.data.img_size}px; {len(trainer.train_set)} train / {len(trainer.val_set)} val images, "
+        tqdm.write(f"{trainer.model_summary}; {len(trainer.train_set)} train / {len(trainer.val_set)} val images, "
                    f"{trainer.num_classes} classes; global batch {trainer.global_batch}, lr {trainer.lr:.2e}")
         if trainer.skipped:
             tqdm.write(f"skipped {len(trainer.skipped)} unreadable files (listed in results.json)")

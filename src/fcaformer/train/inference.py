@@ -13,8 +13,9 @@ import torch
 from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_official, load_state_dict_strict, read_checkpoint
+from ..checkpoint import CheckpointError, load_official, load_state_dict_strict, release_data_config
 from ..fast import fast_attention_modules, fuse_model
+from ..hub import HF_PREFIX, HUB_ORIGIN, LOCAL_PREFIX, create_from_hf_hub
 from ..io import PROJECT_FORMAT, load_model, read_model_file
 
 
@@ -24,12 +25,24 @@ class LoadedModel:
 
     model: nn.Module
     source: str
-    kind: str  # "project", "official" or "timm"
+    kind: str  # "project", "official", "timm hub folder" or "timm"
     class_names: list[str]
     class_ids: list[str] | None  # ImageNet synsets (wnids) for 1000-class models, to match ImageFolder wnids
     data_config: dict[str, Any]
     train_config: dict[str, Any] | None = None
     fused: bool = False  # running fcaformer's fast inference path (fcaformer.fast.fuse_model)
+    # the weights are the authors' release (directly or converted): evaluate at any size as the release does
+    release_preprocessing: bool = False
+
+    def data_config_at(self, img_size: int | None = None) -> dict[str, Any]:
+        """The preprocessing at ``img_size`` (default: the recorded size). Release weights follow the release's
+        rule (:func:`fcaformer.checkpoint.release_data_config`: resize + centre crop 0.875 below 384 px, a plain
+        warp from 384 px on); other models keep their recorded crop and normalisation."""
+        if img_size is None:
+            return dict(self.data_config)
+        if self.release_preprocessing:
+            return release_data_config(img_size)
+        return {**self.data_config, "img_size": img_size}
 
 
 def _imagenet_names(num_classes: int) -> tuple[list[str], list[str] | None]:
@@ -43,13 +56,16 @@ def _imagenet_names(num_classes: int) -> tuple[list[str], list[str] | None]:
 def _timm_data_config(model: nn.Module) -> dict[str, Any]:
     cfg = resolve_data_config({}, model=model)
     return {"img_size": int(cfg["input_size"][-1]), "crop_pct": float(cfg["crop_pct"]),
-            "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+            "crop_mode": cfg.get("crop_mode", "center"), "interpolation": cfg["interpolation"],
+            "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
 
 def load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None = None,
                    use_ema: bool = False, fast: bool = True) -> LoadedModel:
     """Load ``source``: a project checkpoint (:func:`fcaformer.io.save_model`), an official release checkpoint
-    (:func:`fcaformer.load_official`), or a timm model name (``weights``: an optional state_dict file for it).
+    (:func:`fcaformer.load_official`), a timm hub folder (a directory with ``config.json``, or ``local-dir:PATH``),
+    a timm model name (``weights``: an optional state_dict or safetensors file for it) or ``hf-hub:NAME``
+    (downloaded by timm).
 
     With ``fast`` (default), FcaFormer models are fused in place (:func:`fcaformer.fast.fuse_model`: same outputs
     within 1e-5, faster); ``fast=False`` keeps the faithful computation that mirrors the release.
@@ -68,13 +84,25 @@ def _load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None
     import fcaformer  # noqa: F401  (registers the models)
 
     path = Path(source)
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors") or path.exists():
-        raw = read_model_file(path)
+    text = str(source)
+    if text.startswith(HF_PREFIX):  # timm downloads it
+        model = create_from_hf_hub(text).eval()
+        names, ids = _imagenet_names(model.num_classes)
+        return LoadedModel(model, text, "timm", names, ids, _timm_data_config(model))
+    local = text.startswith(LOCAL_PREFIX)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors") or path.exists() or local:
+        raw = read_model_file(source)
+        if local:
+            path = Path(text.removeprefix(LOCAL_PREFIX))
         if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
             model, ckpt = load_model(raw)
-            names = list(ckpt.get("class_names") or _imagenet_names(model.num_classes)[0])
+            names, ids = (list(ckpt["class_names"]), None) if ckpt.get("class_names") else \
+                _imagenet_names(model.num_classes)
             data = ckpt.get("data_config") or _timm_data_config(model)
-            return LoadedModel(model, str(path), "project", names, None, data, ckpt.get("train_config"))
+            hub = ckpt.get("origin") == HUB_ORIGIN
+            release = (ckpt.get("record") or {}).get("source_kind") == "release checkpoint"
+            return LoadedModel(model, str(path), "timm hub folder" if hub else "project", names, ids, data,
+                               ckpt.get("train_config"), release_preprocessing=release)
         try:
             model = load_official(raw, use_ema=use_ema)
         except CheckpointError as error:
@@ -86,13 +114,15 @@ def _load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None
             raise CheckpointError(f"{path} is a dense-prediction backbone (no classifier); eval/predict need a "
                                   "classification checkpoint")
         names, ids = _imagenet_names(model.num_classes)
-        return LoadedModel(model, str(path), "official", names, ids, _timm_data_config(model))
+        # the release's preprocessing at the size it was trained at (read off the checkpoint)
+        return LoadedModel(model, str(path), "official", names, ids, release_data_config(model.img_size[0]),
+                           release_preprocessing=True)
     if not timm.is_model(str(source)):
         raise FileNotFoundError(f"{source!r} is neither an existing checkpoint file nor a timm model name "
                                 "(see timm.list_models())")
     model = timm.create_model(str(source), pretrained=False)
     if weights is not None:
-        state = read_checkpoint(weights)
+        state = read_model_file(weights)
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
         load_state_dict_strict(model, state)
     model.eval()

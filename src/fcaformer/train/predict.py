@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import build_eval_transform
+from .data import eval_transform
 from .distributed import resolve_device
 from .inference import load_any_model
 
@@ -29,8 +29,7 @@ def predict_images(model_source: str | os.PathLike, images: Sequence[str | os.Pa
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     loaded = load_any_model(model_source, weights, fast=fast)
-    dc = loaded.data_config
-    transform = build_eval_transform(dc["img_size"], dc["crop_pct"], dc["interpolation"], dc["mean"], dc["std"])
+    transform = eval_transform(loaded.data_config)
     dev = resolve_device(device)
     model = loaded.model.to(dev).eval()
     tensors = []

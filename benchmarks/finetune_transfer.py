@@ -1,0 +1,294 @@
+"""Does fine-tuning from pretrained weights work? Transfer between two halves of Imagenette.
+
+1. Pretrain ``fcaformer_femto`` (a small registered hybrid, not in the paper) on five Imagenette classes (tench,
+   English springer, cassette player, chain saw, church: all their training images) and save it as
+   ``<out>/femto_imagenette5.safetensors`` (fp16, a project checkpoint).
+2. On the other five classes (French horn, garbage truck, gas pump, golf ball, parachute) with only 20 training
+   images per class, train the same model three ways under the same budget, several seeds each:
+
+   - ``finetune``: from the pretrained weights (``--pretrained``; new classifier, layer-wise lr decay);
+   - ``linear_probe``: from the pretrained weights with the backbone frozen (``--freeze-backbone``);
+   - ``scratch``: from a random initialisation.
+
+   Each is evaluated on all validation images of those five classes.
+
+Two studies: ``same_lr`` trains every arm with the preset's lr; ``selected_lr`` (``--select-lr``) first picks
+each arm's lr from :data:`LR_GRID` on a development split (the same 20 training images per class, scored on 100
+*other training* images per class, seed 0; the val images stay unseen), then runs the arms at those lrs.
+
+Every run writes its own folder under ``--runs``; finished runs are skipped and interrupted ones resumed, so the
+script can be restarted at any time. After every run the aggregate (``<out>/results.json``, ``results.md``) and
+the figure are rewritten.
+
+    nohup nice -n 5 python benchmarks/finetune_transfer.py --select-lr > runs/finetune.log 2>&1 &
+    # smoke version (seconds)
+    python benchmarks/finetune_transfer.py --quick --select-lr --seeds 0 --runs /tmp/ft --out /tmp/ft/out \
+        --figure /tmp/ft/f.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN_CLASSES = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079"]
+TRANSFER_CLASSES = ["n03394916", "n03417042", "n03425413", "n03445777", "n03888257"]
+CHECKPOINT_NAME = "femto_imagenette5.safetensors"
+
+# The repro preset (fcaformer_femto at 96 px, AdamW lr 2e-3 at batch 32, cosine, 1 warm-up epoch, one thread),
+# evaluated once at the end with precise BN.
+COMMON = ["run.threads=1", "run.progress=false", "run.eval_every=1000", "run.precise_bn_images=null",
+          "data.cache=true", "data.verify_images=false"]
+PRETRAIN = [f"data.classes={json.dumps(PRETRAIN_CLASSES)}", "data.train_per_class=null", "run.epochs=12",
+            "model.drop_path_rate=0.05"]
+TRANSFER = [f"data.classes={json.dumps(TRANSFER_CLASSES)}", "data.train_per_class=20", "run.batch_size=20",
+            "run.epochs=30"]
+ARMS: dict[str, list[str]] = {
+    "finetune": ["model.head_init_scale=0.001", "optim.layer_decay=0.75"],
+    "linear_probe": ["model.freeze_backbone=true", "model.head_init_scale=0.001"],
+    "scratch": [],
+}
+QUICK = ["run.epochs=1", "data.train_per_class=8", "data.val_per_class=4", "data.cache=false"]
+# Learning rates (at batch 32, the preset's lr_base_batch) tried per arm on a development split, seed 0: the
+# training subset against 100 other *training* images per class, so the val images stay untouched until the end.
+LR_GRID: dict[str, list[float]] = {"finetune": [2e-4, 6e-4, 2e-3], "linear_probe": [2e-3, 2e-2],
+                                   "scratch": [6e-4, 2e-3, 6e-3]}
+DEV_PER_CLASS = 100
+
+
+def train_run(out: Path, overrides: list[str], data_root: str) -> dict[str, Any]:
+    """Train (or resume, or skip when finished) one run; returns its results.json content."""
+    from fcaformer.train import load_config, train
+    from fcaformer.train.state import list_states
+
+    done = out / "results.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    config = load_config("repro", [f"data.root={data_root}", f"run.output={out}", *COMMON, *overrides])
+    resume = out if list_states(out / "checkpoints") else None
+    print(f"=== {out.name}" + (" (resuming)" if resume else ""), flush=True)
+    return train(config, resume=resume)
+
+
+def pretrain(runs: Path, out: Path, data_root: str, extra: list[str]) -> tuple[Path, dict[str, Any]]:
+    """The five-class model, saved as an fp16 safetensors project checkpoint (what the transfer runs start from)."""
+    import torch
+
+    from fcaformer.io import load_model, save_model
+
+    result = train_run(runs / "pretrain", [*PRETRAIN, *extra], data_root)
+    checkpoint = out / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        model, raw = load_model(runs / "pretrain" / "model.pt")
+        keep = {k: raw[k] for k in ("class_names", "data_config", "metrics", "macs") if k in raw}
+        # a committed file names no path of the machine it was made on: the data and run folders relative to the
+        # repository (so `fcaformer eval` of the checkpoint finds the data from the repository root)
+        train_config = json.loads(json.dumps(raw["train_config"]))
+        for section, key in (("data", "root"), ("run", "output")):
+            train_config[section][key] = os.path.relpath(train_config[section][key], REPO)
+        save_model(checkpoint, model, raw["model_name"], raw["model_kwargs"], dtype=torch.float16,
+                   train_config=train_config, **keep)
+    return checkpoint, result
+
+
+def dev_split(data_root: str, runs: Path, extra: list[str]) -> Path:
+    """An ImageFolder of symlinks: ``train/`` = the transfer runs' training subset, ``val/`` = up to
+    :data:`DEV_PER_CLASS` other training images per class (fixed choice)."""
+    import random
+
+    from fcaformer.train import load_config
+    from fcaformer.train.data import load_image_lists
+
+    root = runs / "dev-data"
+    config = load_config("repro", [f"data.root={data_root}", *COMMON, *TRANSFER, *extra, "data.cache=false"])
+    chosen, _ = load_image_lists(config.data)
+    config.data.train_per_class = None
+    everything, _ = load_image_lists(config.data)
+    used = {path for path, _ in chosen.samples}
+    rest: dict[int, list[str]] = {}
+    for path, label in everything.samples:
+        if path not in used:
+            rest.setdefault(label, []).append(path)
+    per_class = 4 if extra else DEV_PER_CLASS
+    for split, groups in (("train", {}), ("val", rest)):
+        if split == "train":
+            for path, label in chosen.samples:
+                groups.setdefault(label, []).append(path)
+        for label, paths in groups.items():
+            folder = root / split / chosen.class_ids[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            picked = paths if split == "train" else random.Random(label).sample(paths, min(per_class, len(paths)))
+            for path in picked:
+                link = folder / Path(path).name
+                if not link.exists():
+                    link.symlink_to(Path(path).resolve())
+    return root
+
+
+def select_lrs(runs: Path, out: Path, checkpoint: Path, data_root: str, extra: list[str]) -> dict[str, Any]:
+    """The best lr of :data:`LR_GRID` per arm on the development split (seed 0); written to
+    ``<out>/lr_selection.json``."""
+    dev = dev_split(data_root, runs, extra)
+    table: dict[str, Any] = {"dev_val_images_per_class": DEV_PER_CLASS, "arms": {}}
+    for arm, lrs in LR_GRID.items():
+        start = [f"model.pretrained={checkpoint}"] if arm != "scratch" else []
+        scores = {}
+        for lr in lrs:
+            result = train_run(runs / f"dev-{arm}-lr{lr:g}", [*TRANSFER, *ARMS[arm], *start, f"optim.lr={lr}",
+                                                               "run.seed=0", *extra, "data.classes=null"], str(dev))
+            scores[f"{lr:g}"] = result["val"]["top1"]
+            print(f"--- dev {arm} lr {lr:g}: top-1 {scores[f'{lr:g}']:.2f}%", flush=True)
+        best = max(scores, key=scores.get)
+        table["arms"][arm] = {"dev_top1": scores, "selected_lr": float(best)}
+    from fcaformer.io import atomic_json_dump
+
+    atomic_json_dump(table, out / "lr_selection.json")
+    return table
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm of one study: seeds, top-1 per seed, mean and sample std, top-5 mean, time per epoch."""
+    top1 = [r["val"]["top1"] for r in runs]
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "lr": runs[0]["lr_at_base_batch"],
+        "top1": top1,
+        "top1_mean": statistics.mean(top1),
+        "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+        "top5_mean": statistics.mean(r["val"]["top5"] for r in runs),
+        "epoch_time_s": statistics.mean(r["mean_epoch_time_s"] for r in runs),
+        "train_images": runs[0]["train_images"],
+        "val_images": runs[0]["val_images"],
+        "steps": runs[0]["steps"],
+        "pretrained": runs[0].get("pretrained"),
+    }
+
+
+def compare(arms: dict[str, Any]) -> dict[str, float]:
+    """Fine-tuning vs scratch: the difference of the means, in points and in pooled standard deviations, and the
+    worst fine-tuning seed minus the best scratch seed."""
+    if "finetune" not in arms or "scratch" not in arms:
+        return {}
+    ft, sc = arms["finetune"], arms["scratch"]
+    margin = ft["top1_mean"] - sc["top1_mean"]
+    pooled = ((ft["top1_std"] ** 2 + sc["top1_std"] ** 2) / 2) ** 0.5
+    return {"margin": margin, "margin_in_pooled_std": margin / max(pooled, 1e-9),
+            "worst_finetune_minus_best_scratch": min(ft["top1"]) - max(sc["top1"])}
+
+
+def aggregate(studies: dict[str, dict[str, list[dict[str, Any]]]], pretrain_result: dict[str, Any],
+              lr_selection: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything the docs show: the pretraining, and per study and arm the seeds' results and the comparison."""
+    table: dict[str, Any] = {
+        "model": pretrain_result["model"],
+        "params": pretrain_result["params"],
+        "pretrain": {"classes": PRETRAIN_CLASSES, "train_images": pretrain_result["train_images"],
+                     "val_images": pretrain_result["val_images"], "epochs": pretrain_result["epochs_done"],
+                     "steps": pretrain_result["steps"], "top1": pretrain_result["val"]["top1"],
+                     "epoch_time_s": pretrain_result["mean_epoch_time_s"]},
+        "transfer_classes": TRANSFER_CLASSES,
+        "studies": {},
+        "lr_selection": lr_selection,
+        "overrides": {"common": COMMON, "pretrain": PRETRAIN, "transfer": TRANSFER, "arms": ARMS, "lr_grid": LR_GRID},
+    }
+    for study, results in studies.items():
+        arms = {arm: summarise(runs) for arm, runs in results.items() if runs}
+        table["studies"][study] = {"arms": arms, "finetune_vs_scratch": compare(arms)}
+    return table
+
+
+def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
+    from fcaformer.io import atomic_json_dump, atomic_write
+    from fcaformer.train.metrics import plt
+
+    atomic_json_dump(table, out / "results.json")
+    lines = []
+    for study, content in table["studies"].items():
+        lines += [f"{study}:", "",
+                  "| arm | lr (batch 32) | seeds | top-1 mean ± std (%) | per seed | train images | steps | s/epoch |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, row in content["arms"].items():
+            per_seed = ", ".join(f"{v:.2f}" for v in row["top1"])
+            lines.append(f"| {name} | {row['lr']:g} | {len(row['seeds'])} | {row['top1_mean']:.2f} ± "
+                         f"{row['top1_std']:.2f} | {per_seed} | {row['train_images']} | {row['steps']} | "
+                         f"{row['epoch_time_s']:.1f} |")
+        lines.append("")
+    atomic_write(out / "results.md", lambda h: h.write("\n".join(lines)), binary=False)
+
+    studies = list(table["studies"].items())
+    fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4), squeeze=False)
+    for ax, (study, content) in zip(axes[0], studies):
+        for i, row in enumerate(content["arms"].values()):
+            ax.bar(i, row["top1_mean"], yerr=row["top1_std"], capsize=6, alpha=0.6, color=f"C{i}")
+            ax.scatter([i] * len(row["top1"]), row["top1"], color="black", zorder=3, s=14)
+        ax.axhline(20, color="grey", lw=1, ls=":", label="chance (5 classes)")
+        ax.set_xticks(range(len(content["arms"])),
+                      [f"{name}\nlr {row['lr']:g}" for name, row in content["arms"].items()])
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("val top-1 on the 5 new classes (%)")
+        ax.set_title(f"{study}: mean ± std over seeds (dots = seeds)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    fig.suptitle(f"{table['model']} pretrained on 5 Imagenette classes, then 20 images per class of 5 others",
+                 fontsize=10)
+    atomic_write(figure, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imagenette-160"))
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "finetune", help="one folder per run")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "finetuning",
+                        help="aggregate and the pretrained checkpoint")
+    parser.add_argument("--figure", type=Path, default=REPO / "docs" / "finetuning.png")
+    parser.add_argument("--select-lr", action="store_true",
+                        help="also choose each arm's lr on a development split and run the arms at those lrs")
+    parser.add_argument("--quick", action="store_true",
+                        help="one epoch, 8 training and 4 val images per class (a smoke test)")
+    args = parser.parse_args(argv)
+    extra = QUICK if args.quick else []
+
+    checkpoint, pretrain_result = pretrain(args.runs, args.out, args.data, extra)
+    print(f"--- pretrain: top-1 {pretrain_result['val']['top1']:.2f}% on the 5 pretraining classes", flush=True)
+    selection = select_lrs(args.runs, args.out, checkpoint, args.data, extra) if args.select_lr else None
+    studies: dict[str, dict[str, list[dict[str, Any]]]] = {"same_lr": {arm: [] for arm in args.arms}}
+    if selection:
+        studies["selected_lr"] = {arm: [] for arm in args.arms}
+    for study, results in studies.items():
+        for seed in args.seeds:  # seed-major: every arm gets its first seed early
+            for arm in args.arms:
+                start = [f"model.pretrained={checkpoint}"] if arm != "scratch" else []
+                name, lr = f"{arm}-s{seed}", None
+                if study == "selected_lr":
+                    lr = selection["arms"][arm]["selected_lr"]
+                    if lr != _preset_lr():  # else the same_lr run is this run
+                        name = f"{arm}-lr{lr:g}-s{seed}"
+                lr_override = [f"optim.lr={lr}"] if lr is not None else []
+                result = train_run(args.runs / name, [*TRANSFER, *ARMS[arm], *start, *lr_override, f"run.seed={seed}",
+                                                      *extra], args.data)
+                result["seed"] = seed
+                result["lr_at_base_batch"] = lr if lr is not None else _preset_lr()
+                results[arm].append(result)
+                write_outputs(aggregate(studies, pretrain_result, selection), args.out, args.figure)
+                print(f"--- {study} {arm} seed {seed}: top-1 {result['val']['top1']:.2f}% "
+                      f"({result['mean_epoch_time_s']:.1f} s/epoch)", flush=True)
+    return 0
+
+
+def _preset_lr() -> float:
+    from fcaformer.train import load_config
+
+    return load_config("repro").optim.lr
+
+
+if __name__ == "__main__":
+    sys.exit(main())
