@@ -14,7 +14,7 @@ Measures on this machine (default 2 threads, batch-1 latency and batch-32 throug
 - accuracy on the full Imagenette val split of the trained L1 (``--checkpoint``; calibrated on ``--calib-images``
   Imagenette *train* images): top-1 of each runtime / precision and its top-1 agreement with PyTorch fp32.
 
-Writes ``docs/deployment.{json,md}``.
+Writes ``docs/deployment_results.{json,md}`` (docs/deployment.md discusses them).
 
     python benchmarks/deployment.py [--threads 2] [--repeats 30] [--passes 3] [--skip-accuracy]
 """
@@ -246,7 +246,7 @@ def main() -> int:
     parser.add_argument("--calib-images", type=int, default=300, help="accuracy: calibration images (train split)")
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="the trained L1 for the accuracy part")
     parser.add_argument("--skip-accuracy", action="store_true")
-    parser.add_argument("--output", default=str(ROOT / "docs" / "deployment"))
+    parser.add_argument("--output", default=str(ROOT / "docs" / "deployment_results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()

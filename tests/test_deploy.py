@@ -2,7 +2,7 @@
 images; runners and profiles; the benchmark under one runtime; the error when the [deploy] extra is missing.
 
 The int8 agreement tests use a *trained* model that ships with the repository (the reproduction's
-``fca_release.pt``, a small hybrid FcaFormer trained on Imagenette at 96 px), calibrated on Imagenette train
+``fca_release.safetensors``, ``fcaformer_l1`` trained on Imagenette at 128 px), calibrated on Imagenette train
 images and checked on val images, so top-1 agreement means something (a random-weight model's logits are
 near ties).
 """
@@ -34,7 +34,8 @@ from fcaformer.export import export_model
 from fcaformer.io import load_model
 from tests.conftest import REPO_ROOT, shared_path
 
-TRAINED = REPO_ROOT / "docs" / "repro" / "checkpoints" / "fca_release.pt"
+TRAINED = REPO_ROOT / "docs" / "repro_gpu" / "checkpoints" / "fca_release.safetensors"
+SIZE = 128  # its training size
 
 
 def deploy_installed() -> None:
@@ -59,7 +60,7 @@ def images(trained) -> dict[str, torch.Tensor]:
     """32 Imagenette train images to calibrate on and 48 val images to check on, preprocessed for the model."""
     _, data_config = trained
     root = shared_path("data", "imagenette-160")
-    transform = eval_transform(data_config, (96, 96))
+    transform = eval_transform(data_config, (SIZE, SIZE))
     return {"calib": load_images(list_images(root / "train", limit=32), transform),
             "check": load_images(list_images(root / "val", limit=48), transform)}
 
@@ -75,7 +76,7 @@ def test_list_images_errors(tmp_path) -> None:
 def test_openvino_export_round_trip_on_real_images(trained, images, tmp_path, precision: str) -> None:
     deploy_installed()
     model, _ = trained
-    result = export_model(model, tmp_path / "m.xml", "openvino", img_size=96, precision=precision,
+    result = export_model(model, tmp_path / "m.xml", "openvino", img_size=SIZE, precision=precision,
                           calibration=images["calib"], check_images=images["check"])
     assert result.path.exists() and result.path.with_suffix(".bin").exists()
     assert result.check_images == 48
@@ -100,7 +101,7 @@ def test_onnx_export_round_trip_on_real_images(trained, images, tmp_path, precis
     if precision == "int8":
         deploy_installed()  # NNCF places and calibrates the quantization nodes
     model, _ = trained
-    result = export_model(model, tmp_path / "m.onnx", "onnx", img_size=96, precision=precision,
+    result = export_model(model, tmp_path / "m.onnx", "onnx", img_size=SIZE, precision=precision,
                           calibration=images["calib"], check_images=images["check"])
     if precision == "fp32":
         assert result.max_relative_error < 1e-4 and result.top1_agreement == 1.0
@@ -115,15 +116,15 @@ def test_onnx_export_round_trip_on_real_images(trained, images, tmp_path, precis
 def test_export_rejects_bad_precision_and_missing_calibration(trained, tmp_path) -> None:
     model, _ = trained
     with pytest.raises(ValueError, match="fp32 or int8"):
-        export_model(model, tmp_path / "m.onnx", "onnx", img_size=96, precision="bf16")
+        export_model(model, tmp_path / "m.onnx", "onnx", img_size=SIZE, precision="bf16")
     with pytest.raises(ValueError, match="calibration"):
-        export_model(model, tmp_path / "m.onnx", "onnx", img_size=96, precision="int8")
+        export_model(model, tmp_path / "m.onnx", "onnx", img_size=SIZE, precision="int8")
     with pytest.raises(ValueError, match="fp32"):
-        export_model(model, tmp_path / "m.pt2", "exported-program", img_size=96, precision="int8")
+        export_model(model, tmp_path / "m.pt2", "exported-program", img_size=SIZE, precision="int8")
     with pytest.raises(ValueError, match=r"\.xml"):
-        export_model(model, tmp_path / "m.onnx", "openvino", img_size=96)
+        export_model(model, tmp_path / "m.onnx", "openvino", img_size=SIZE)
     with pytest.raises(ValueError, match="does not offer"):
-        build_runner(model, "onnxruntime", "bf16", 96)
+        build_runner(model, "onnxruntime", "bf16", SIZE)
 
 
 def test_missing_deploy_extra_is_one_clear_line(tmp_path, monkeypatch, capsys) -> None:
@@ -144,7 +145,7 @@ def test_cli_export_openvino_int8_with_calibration(tmp_path, capsys) -> None:
                  "--calib", str(root / "train"), "--calib-images", "16", "--check-images", "16", "-o", str(output)])
     out = capsys.readouterr().out
     assert code == 0 and output.exists()
-    assert "96x96" in out  # the checkpoint's own training size is the default
+    assert f"{SIZE}x{SIZE}" in out  # the checkpoint's own training size is the default
     assert "top-1 agreement with PyTorch fp32" in out and "of 16 images" in out
 
 
@@ -153,27 +154,34 @@ def test_cli_export_int8_without_calibration_is_an_error(capsys) -> None:
     assert code == 2 and "--calib" in capsys.readouterr().err
 
 
-def test_runners_profile_per_op(trained) -> None:
-    model, _ = trained
-    x = torch.randn(1, 3, 96, 96)
-    for runner in (TorchRunner(model), build_runner(model, "onnxruntime", "fp32", 96, threads=1)):
+def small_model() -> torch.nn.Module:
+    """Random weights are enough where only the graph matters (profiles)."""
+    import timm
+
+    return timm.create_model("fcaformer_atto", num_classes=10).eval()
+
+
+def test_runners_profile_per_op() -> None:
+    model = small_model()
+    x = torch.randn(1, 3, 64, 64)
+    for runner in (TorchRunner(model), build_runner(model, "onnxruntime", "fp32", 64, threads=1)):
         ops = runner.profile(x, repeats=2)
         assert ops and abs(sum(op.share for op in ops) - 1) < 1e-6
         assert ops == sorted(ops, key=lambda op: -op.share)
         assert 0 <= layout_share(ops) < 1
-    assert isinstance(build_runner(model, "onnxruntime", "fp32", 96), OnnxRunner)
+    assert isinstance(build_runner(model, "onnxruntime", "fp32", 64), OnnxRunner)
 
 
-def test_openvino_lean_graph_profile_is_lean(trained) -> None:
+def test_openvino_lean_graph_profile_is_lean() -> None:
     """Under OpenVINO the lean graph spends little time moving data (transposes, reorders, concats, gathers)."""
     deploy_installed()
-    model, _ = trained
-    runner = build_runner(model, "openvino", "fp32", 96, threads=1, batch_size=1, profile=True)
-    ops = runner.profile(torch.randn(1, 3, 96, 96), repeats=3)
+    model = small_model()
+    runner = build_runner(model, "openvino", "fp32", SIZE, threads=1, batch_size=1, profile=True)
+    ops = runner.profile(torch.randn(1, 3, SIZE, SIZE), repeats=3)
     names = {op.op for op in ops}
     assert "Transpose" not in names and "Gather" not in names
-    assert layout_share(ops) < 0.2  # a small model at 96 px: the fixed costs weigh more than at 224 (~5 %)
-    out = runner.for_batch(3)(np.random.randn(3, 3, 96, 96).astype(np.float32))
+    assert layout_share(ops) < 0.2  # at 128 px the fixed costs weigh more than at 224 (~5 %)
+    out = runner.for_batch(3)(np.random.randn(3, 3, SIZE, SIZE).astype(np.float32))
     assert out.shape == (3, 10)
 
 
