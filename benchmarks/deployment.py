@@ -49,7 +49,7 @@ from fcaformer.deploy import (
     to_openvino,
 )
 from fcaformer.fast import fuse_model, tune_cpu_allocator
-from fcaformer.io import atomic_json_dump, atomic_write
+from fcaformer.io import atomic_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "imagenette-160"
@@ -297,8 +297,7 @@ def main() -> int:
     results["loadavg"]["end"] = os.getloadavg()[0]
     text = markdown(results)
     out = Path(args.output)
-    atomic_json_dump(results, out.with_suffix(".json"))
-    atomic_write(out.with_suffix(".md"), lambda h: h.write(text), binary=False)
+    atomic_report(results, text, out)
     print(text)
     return 0
 

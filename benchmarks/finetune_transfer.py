@@ -204,10 +204,9 @@ def aggregate(studies: dict[str, dict[str, list[dict[str, Any]]]], pretrain_resu
 
 
 def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
-    from fcaformer.io import atomic_json_dump, atomic_write
-    from fcaformer.train.metrics import plt
+    from fcaformer.io import atomic_report
+    from fcaformer.train.metrics import plt, save_figure
 
-    atomic_json_dump(table, out / "results.json")
     lines = []
     for study, content in table["studies"].items():
         lines += [f"{study}:", "",
@@ -219,7 +218,7 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
                          f"{row['top1_std']:.2f} | {per_seed} | {row['train_images']} | {row['steps']} | "
                          f"{row['epoch_time_s']:.1f} |")
         lines.append("")
-    atomic_write(out / "results.md", lambda h: h.write("\n".join(lines)), binary=False)
+    atomic_report(table, "\n".join(lines), out / "results")
 
     studies = list(table["studies"].items())
     fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4), squeeze=False)
@@ -237,8 +236,7 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
         ax.legend(loc="upper right", fontsize=8)
     fig.suptitle(f"{table['model']} pretrained on 5 Imagenette classes, then 20 images per class of 5 others",
                  fontsize=10)
-    atomic_write(figure, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, figure)
 
 
 def main(argv: list[str] | None = None) -> int:

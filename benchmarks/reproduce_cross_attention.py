@@ -79,10 +79,9 @@ def aggregate(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
-    from fcaformer.io import atomic_json_dump, atomic_write
-    from fcaformer.train.metrics import plt
+    from fcaformer.io import atomic_report
+    from fcaformer.train.metrics import plt, save_figure
 
-    atomic_json_dump(table, out / "results.json")
     lines = ["| variant | model | seeds | top-1 mean ± std (%) | per seed | top-5 (%) | params | MACs | s/epoch |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
@@ -90,7 +89,7 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
         lines.append(f"| {name} | {row['model']} | {len(row['seeds'])} | "
                      f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {per_seed} | {row['top5_mean']:.2f} | "
                      f"{row['params'] / 1e6:.3f} M | {row['macs'] / 1e6:.1f} M | {row['epoch_time_s']:.0f} |")
-    atomic_write(out / "results.md", lambda h: h.write("\n".join(lines) + "\n"), binary=False)
+    atomic_report(table, "\n".join(lines) + "\n", out / "results")
 
     fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
     for i, (name, row) in enumerate(table.items()):
@@ -112,8 +111,7 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="train loss (label-smoothed CE)", title="training loss, every seed")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
-    atomic_write(figure, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, figure)
 
 
 def main(argv: list[str] | None = None) -> int:

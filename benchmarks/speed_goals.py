@@ -30,7 +30,7 @@ import fcaformer
 from fcaformer.benchmark import interleaved_timings, machine_info, randomize_weights_
 from fcaformer.export import onnx_bytes, onnx_session, relative_error, run_onnx
 from fcaformer.fast import fuse_model, set_fast_attention, tune_cpu_allocator
-from fcaformer.io import atomic_json_dump, atomic_write
+from fcaformer.io import atomic_report
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "parity" / "official_fcaformer_l1_cls.pt"
@@ -224,8 +224,7 @@ def main() -> int:
                      f"{row['calls_per_forward']:.0f} |")
     text = "\n".join(lines) + "\n"
     out = Path(args.output)
-    atomic_json_dump(results, out.with_suffix(".json"))
-    atomic_write(out.with_suffix(".md"), lambda h: h.write(text), binary=False)
+    atomic_report(results, text, out)
     print(text)
     return 0
 

@@ -73,6 +73,13 @@ def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda handle: json.dump(obj, handle, indent=2), binary=False)
 
 
+def atomic_report(results: Any, markdown: str, stem: str | os.PathLike) -> tuple[Path, Path]:
+    """A benchmark's report: ``results`` as ``<stem>.json`` and ``markdown`` as ``<stem>.md``, each atomically."""
+    stem = Path(stem)
+    return (atomic_json_dump(results, stem.with_suffix(".json")),
+            atomic_write(stem.with_suffix(".md"), lambda handle: handle.write(markdown), binary=False))
+
+
 def model_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, Any], **extra: Any) -> dict:
     """A self-describing checkpoint: enough to rebuild ``model`` with :func:`load_model` alone.
 
