@@ -22,7 +22,6 @@ Writes ``docs/deployment_results.{json,md}`` (docs/deployment.md discusses them)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -48,8 +47,8 @@ from fcaformer.deploy import (
     to_onnx,
     to_openvino,
 )
-from fcaformer.fast import fuse_model, tune_cpu_allocator
-from fcaformer.io import atomic_report
+from fcaformer.fast import tune_cpu_allocator
+from fcaformer.io import atomic_report, file_sha256, relative_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "imagenette-160"
@@ -89,17 +88,18 @@ def build_runners(names: list[str], configs: list[tuple[str, str]], calibration:
         began = time.perf_counter()
         model = _build(name, 224)
         costs[name] = model_cost(model, 224)
+        graphs = {runtime: inference_graph(model, runtime, size) for runtime in ("torch", "onnxruntime", "openvino")}
         if name == L1:
             costs[RELEASE] = costs[name]
             runners[(RELEASE, "torch", "fp32")] = TorchRunner(model)
-            runners[(f"{L1} (lean graph)", "torch", "fp32")] = TorchRunner(inference_graph(model, "openvino", size))
-            fused_ov = to_openvino(fuse_model(model), size)
+            runners[(f"{L1} (lean graph)", "torch", "fp32")] = TorchRunner(graphs["openvino"])
+            fused_ov = to_openvino(graphs["torch"], size)
             runners[(f"{L1} (fused graph)", "openvino", "fp32")] = OpenVinoRunner(fused_ov, threads, "fp32", 1)
             if ("openvino", "int8") in configs:
                 runners[(f"{L1} (fused graph)", "openvino", "int8")] = OpenVinoRunner(
                     quantize_openvino(fused_ov, calibration), threads, "int8", 1)
         for runtime in dict.fromkeys(r for r, _ in configs):
-            graph = inference_graph(model, runtime, size)
+            graph = graphs[runtime]
             precisions = [p for r, p in configs if r == runtime]
             if runtime == "torch":
                 for precision in precisions:
@@ -190,9 +190,8 @@ def accuracy(checkpoint: Path, calib_images: int, threads: int, configs: list[tu
         p = torch.cat(preds)
         rows[key] = {"top1": 100 * (p == y).float().mean().item(),
                      "agreement_with_fp32": 100 * (p == reference).float().mean().item()}
-    return {"checkpoint": str(checkpoint.relative_to(ROOT) if checkpoint.is_relative_to(ROOT) else checkpoint),
-            "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(), "images": len(y),
-            "img_size": size[0], "calibration_images": calib_images,
+    return {"checkpoint": relative_path(checkpoint, ROOT), "checkpoint_sha256": file_sha256(checkpoint),
+            "images": len(y), "img_size": size[0], "calibration_images": calib_images,
             "calibration_split": "train", "rows": rows}
 
 

@@ -224,15 +224,12 @@ def infer_release_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
     return config
 
 
-def release_architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
-    """The registered model name and ``timm.create_model`` arguments that build a release classification
-    checkpoint's network: the variant with its dims, depths and heads (``fcaformer_l1`` when none has them) and
-    every inferred argument that differs from that variant's (always ``num_classes`` and ``img_size``)."""
-    config = infer_release_config(state_dict)
-    if config.pop("windowed"):
-        raise CheckpointError("a windowed dense-prediction backbone checkpoint (mmdet/mmseg) has no classifier and is "
-                              "not a registered timm model; load it with fcaformer.load_official or the detection "
-                              "and segmentation backbone loaders")
+def release_architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registered model name and ``timm.create_model`` arguments that build the network of a release
+    classification checkpoint, from its :func:`infer_release_config`: the variant with its dims, depths and heads
+    (``fcaformer_l1`` when none has them) and every inferred argument that differs from that variant's (always
+    ``num_classes`` and ``img_size``)."""
+    config = {k: v for k, v in config.items() if k != "windowed"}
     sizes = {k: config[k] for k in ("dims", "depths", "num_heads")}
     name = next((n for n in (*ARCHS, *SMALL_ARCHS)
                  if all(registered_architecture(n)[k] == v for k, v in sizes.items())), "fcaformer_l1")

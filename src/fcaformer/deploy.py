@@ -130,15 +130,14 @@ def load_images(paths: Sequence[Path], transform: Callable) -> torch.Tensor:
 
 
 def eval_transform(data_config: dict[str, Any], img_size: tuple[int, int]) -> Callable:
-    """The eval transform (resize to ``size / crop_pct``, centre crop, normalise) of a model's data config
-    (timm's ``pretrained_cfg`` keys or a project checkpoint's ``data_config``) at ``img_size``."""
-    from timm.data import create_transform
+    """The eval transform (:func:`fcaformer.train.data.build_eval_transform`) of a model's data config (timm's
+    ``pretrained_cfg`` keys or a project checkpoint's ``data_config``, defaults for missing keys) at ``img_size``."""
+    from .train.data import build_eval_transform
 
     size = img_size[0] if img_size[0] == img_size[1] else tuple(img_size)
-    return create_transform(size, is_training=False, crop_pct=data_config.get("crop_pct", 0.875),
-                            interpolation=data_config.get("interpolation", "bicubic"),
-                            mean=tuple(data_config.get("mean", (0.485, 0.456, 0.406))),
-                            std=tuple(data_config.get("std", (0.229, 0.224, 0.225))))
+    return build_eval_transform(size, data_config.get("crop_pct", 0.875), data_config.get("interpolation", "bicubic"),
+                                data_config.get("mean", (0.485, 0.456, 0.406)),
+                                data_config.get("std", (0.229, 0.224, 0.225)), data_config.get("crop_mode", "center"))
 
 
 # ------------------------------------------------------------------------------------------------- OpenVINO

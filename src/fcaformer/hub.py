@@ -23,6 +23,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg_value
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, unwrap_state_dict
@@ -315,7 +316,7 @@ def convert_to_hub(
         raise CheckpointError(f"unknown model {name!r} (see timm.list_models())")
     kwargs = {**(weights.model_kwargs if model_name is None and weights.model_kwargs else {}), **(model_kwargs or {})}
     if "num_classes" not in kwargs:  # a bare state dict: its classifier says how many classes
-        classifier = timm.create_model(name).pretrained_cfg.get("classifier")
+        classifier = get_pretrained_cfg_value(name, "classifier")
         head = weights.state_dict.get(f"{classifier}.weight")
         if head is not None:
             kwargs["num_classes"] = int(head.shape[0])

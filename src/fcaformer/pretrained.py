@@ -34,7 +34,7 @@ from .checkpoint import (
     resize_grid_parameters,
     unwrap_state_dict,
 )
-from .hub import HF_PREFIX, HUB_ORIGIN, hub_folder, hub_weights_file
+from .hub import HF_PREFIX, HUB_ORIGIN, hub_folder, hub_weights_file, read_hub_folder
 from .io import PROJECT_FORMAT, file_sha256, path_label, read_model_file
 from .models.names import describe_model
 
@@ -79,8 +79,8 @@ def read_pretrained(source: str | os.PathLike, use_ema: bool = False) -> Pretrai
     text = os.fspath(source)
     if text.startswith(HF_PREFIX):
         return _from_timm(text)
-    raw = read_model_file(source)
     folder = hub_folder(source)
+    raw = read_hub_folder(folder) if folder is not None else read_model_file(source)
     path = hub_weights_file(folder) if folder is not None else Path(text)
     label, sha256 = path_label(folder if folder is not None else path), file_sha256(path)
     if isinstance(raw, Mapping) and raw.get("format") == PROJECT_FORMAT:
@@ -98,10 +98,11 @@ def read_pretrained(source: str | os.PathLike, use_ema: bool = False) -> Pretrai
     state_dict = unwrap_state_dict(raw, use_ema=use_ema)
     if not is_release_layout(state_dict):
         return PretrainedWeights(state_dict, "state dict", label, sha256=sha256, raw=raw)
-    if infer_release_config(state_dict)["windowed"]:
+    config = infer_release_config(state_dict)
+    if config["windowed"]:
         return PretrainedWeights(convert_release_state_dict(state_dict), "release dense backbone", label,
                                  sha256=sha256, raw=raw)
-    name, kwargs = release_architecture(state_dict)
+    name, kwargs = release_architecture(config)
     return PretrainedWeights(convert_release_state_dict(state_dict), "release checkpoint", label, name, kwargs,
                              data_config=release_data_config(kwargs["img_size"]), sha256=sha256, raw=raw)
 

@@ -57,11 +57,12 @@ def load_source(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any
     import fcaformer
 
     from ..checkpoint import CheckpointError, load_state_dict_strict, unwrap_state_dict
+    from ..hub import LOCAL_PREFIX
     from ..io import PROJECT_FORMAT, load_model, read_model_file
 
     if args.checkpoint:  # project checkpoints, safetensors files, timm hub folders or release checkpoints
         raw = read_model_file(args.checkpoint)
-        name = Path(args.checkpoint.removeprefix("local-dir:")).stem
+        name = Path(args.checkpoint.removeprefix(LOCAL_PREFIX)).stem
         if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
             model, checkpoint = load_model(raw)
             return model, name, checkpoint.get("data_config")

@@ -214,7 +214,8 @@ def draw_detections(image: torch.Tensor, detections: Mapping[str, torch.Tensor],
     ``"<class name> <score>"`` labels, one colour a class (the VOC colour map)."""
     keep = detections["scores"] >= score_threshold
     picture = (image * 255).round().to(torch.uint8)
-    colours = [tuple(int(v) for v in palette(len(class_names))[int(label)]) for label in detections["labels"][keep]]
+    table = palette(len(class_names))
+    colours = [tuple(int(v) for v in table[int(label)]) for label in detections["labels"][keep]]
     if "masks" in detections and keep.any():
         picture = draw_segmentation_masks(picture, detections["masks"][keep, 0] > 0.5, alpha=0.45, colors=colours)
     labels = [f"{class_names[int(label)]} {float(score):.2f}"

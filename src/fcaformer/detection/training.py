@@ -191,8 +191,8 @@ def train_iterations(
     clip_grad: float | None = None,
     show_progress: bool = True,
     history: RunHistory | None = None,
-) -> list[float]:
-    """Run iterations ``start_iteration .. iterations - 1``; returns the total loss of each.
+) -> None:
+    """Run iterations ``start_iteration .. iterations - 1``.
 
     ``loss_fn(model, batch)`` returns named losses (summed for the step). ``after_step(i)`` is called after
     each iteration (``i`` = iterations done; checkpoints, validation). Each loss and lr is also appended to
@@ -200,15 +200,15 @@ def train_iterations(
     """
     model.train()
     batches = _cycle(loader)
-    session: list[float] = []
     bar = tqdm(range(start_iteration, iterations), initial=start_iteration, total=iterations,
                disable=not show_progress, desc="train", dynamic_ncols=True)
     for it in bar:
         losses = loss_fn(model, next(batches))
         loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
+        value = loss.item()  # one device sync per step
+        if not math.isfinite(value):
             named = {k: v.item() for k, v in losses.items()}
-            raise FloatingPointError(f"loss is {loss.item()} at iteration {it} ({named}); lower the lr or check "
+            raise FloatingPointError(f"loss is {value} at iteration {it} ({named}); lower the lr or check "
                                      "the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -217,14 +217,12 @@ def train_iterations(
         lr = optimizer.param_groups[-1]["lr"]  # the lr of this step (the scheduler moves it on below)
         optimizer.step()
         scheduler.step()
-        session.append(loss.item())
         if history is not None:
-            history.losses.append(loss.item())
+            history.losses.append(value)
             history.lrs.append(lr)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
         if after_step is not None:
             after_step(it + 1)
-    return session
 
 
 def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

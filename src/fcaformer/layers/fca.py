@@ -523,7 +523,6 @@ class FcaStage(nn.Module):
         self.window_size = window_size or 0  # 0: global attention
         self.cab_max_d = cab_max_d
         self.cross_attention = cross_attention
-        self.grad_checkpointing = False
         self.downsample = downsample if downsample is not None else nn.Identity()
         block_grid = (window_size, window_size) if window_size else tuple(grid_size)
         rates = list(drop_path_rates) if drop_path_rates is not None else [0.0] * depth
@@ -548,7 +547,6 @@ class FcaStage(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward (outputs and gradients are unchanged)."""
-        self.grad_checkpointing = enable
         for block in self.blocks:
             block.grad_checkpointing = enable
 

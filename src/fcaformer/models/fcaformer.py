@@ -14,6 +14,7 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..layers import conv_out_size
 from .hybrid import ARCHS, SMALL_ARCHS, FcaFormer
 from .plain import FcaFormerPlain
 
@@ -41,9 +42,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 def _small_cfg(img_size: int) -> dict[str, Any]:
-    side = img_size
-    for _ in range(5):  # stem (2 halvings) and three downsamples: stride 32, each halving rounds up
-        side = (side + 1) // 2
+    side = conv_out_size(img_size, 5)  # stem (2 halvings) and three downsamples
     return _cfg(
         input_size=(3, img_size, img_size),
         pool_size=(side, side),

@@ -236,19 +236,15 @@ def class_names_of(raw: Mapping[str, Any]) -> list[str]:
 
 def plot_legend(class_names: Sequence[str], classes: Sequence[int], path: str | os.PathLike) -> Path:
     """A PNG legend: the palette colour and name of each of ``classes``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    from ..train.metrics import plt, save_figure
 
     colours = palette(len(class_names)) / 255
     handles = [Patch(facecolor=colours[c], edgecolor="black", label=f"{c}: {class_names[c]}") for c in classes]
     fig = plt.figure(figsize=(3.2, 0.3 * len(handles) + 0.4))
     fig.legend(handles=handles, loc="center", frameon=False)
-    out = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,

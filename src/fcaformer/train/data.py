@@ -340,7 +340,7 @@ def build_transforms(config: TrainConfig) -> tuple[Callable, Callable]:
     return train, build_eval_transform(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
 
 
-def build_eval_transform(img_size: int, crop_pct: float, interpolation: str, mean: Sequence[float],
+def build_eval_transform(img_size: int | tuple[int, int], crop_pct: float, interpolation: str, mean: Sequence[float],
                          std: Sequence[float], crop_mode: str = "center") -> Callable:
     """timm's eval transform: resize the shorter side to ``floor(img_size / crop_pct)`` and centre crop
     (``crop_mode="center"``), or resize both sides to it (``"squash"``: with ``crop_pct=1`` a plain warp to
