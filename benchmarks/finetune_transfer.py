@@ -12,9 +12,12 @@
 
    Each is evaluated on all validation images of those five classes.
 
-Two studies: ``same_lr`` trains every arm with the preset's lr; ``selected_lr`` (``--select-lr``) first picks
-each arm's lr from :data:`LR_GRID` on a development split (the same 20 training images per class, scored on 100
-*other training* images per class, seed 0; the val images stay unseen), then runs the arms at those lrs.
+Two studies: ``same_lr`` trains every arm at the preset's lr (:data:`PRESET_SETTINGS`); ``selected``
+(``--select-lr``) first picks each arm's setting from :data:`GRID` (the lr; for fine-tuning also the layer-wise lr
+decay) on a development split (the same 20 training images per class, scored on 100 *other training* images per
+class, seed 0; the val images stay unseen), then runs the arms at those settings. The comparison of fine-tuning
+with scratch reports the margin, its size in pooled standard deviations, the gap between the worst fine-tuning and
+the best scratch seed, and Welch's t-test.
 
 Every run writes its own folder under ``--runs``; finished runs are skipped and interrupted ones resumed, so the
 script can be restarted at any time. After every run the aggregate (``<out>/results.json``, ``results.md``) and
@@ -31,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,30 +52,31 @@ PRETRAIN = [f"data.classes={json.dumps(PRETRAIN_CLASSES)}", "data.train_per_clas
 TRANSFER = [f"data.classes={json.dumps(TRANSFER_CLASSES)}", "data.train_per_class=20", "run.batch_size=20",
             "run.epochs=30"]
 ARMS: dict[str, list[str]] = {
-    "finetune": ["model.head_init_scale=0.001", "optim.layer_decay=0.75"],
+    "finetune": ["model.head_init_scale=0.001"],
     "linear_probe": ["model.freeze_backbone=true", "model.head_init_scale=0.001"],
     "scratch": [],
 }
 QUICK = ["run.epochs=1", "data.train_per_class=8", "data.val_per_class=4", "data.cache=false"]
-# Learning rates (at batch 32, the preset's lr_base_batch) tried per arm on a development split, seed 0: the
-# training subset against 100 other *training* images per class, so the val images stay untouched until the end.
-LR_GRID: dict[str, list[float]] = {"finetune": [2e-4, 6e-4, 2e-3], "linear_probe": [2e-3, 2e-2],
-                                   "scratch": [6e-4, 2e-3, 6e-3]}
+Setting = dict[str, float | None]
+# Each arm's lr (at batch 32, the preset's lr_base_batch) and, for fine-tuning, layer-wise lr decay (None: every
+# layer at the head's lr): the preset's values, and the grid tried on a development split (seed 0: the training
+# subset against 100 other *training* images per class, so the val images stay untouched until the end).
+PRESET_SETTINGS: dict[str, Setting] = {"finetune": {"lr": 2e-3, "layer_decay": 0.75}, "linear_probe": {"lr": 2e-3},
+                                       "scratch": {"lr": 2e-3}}
+GRID: dict[str, list[Setting]] = {
+    "finetune": [{"lr": lr, "layer_decay": decay} for decay in (0.75, None) for lr in (6e-4, 2e-3, 6e-3)],
+    "linear_probe": [{"lr": 2e-3}, {"lr": 2e-2}],
+    "scratch": [{"lr": lr} for lr in (6e-4, 2e-3, 6e-3)],
+}
 DEV_PER_CLASS = 100
 
 
 def train_run(out: Path, overrides: list[str], data_root: str) -> dict[str, Any]:
     """Train (or resume, or skip when finished) one run; returns its results.json content."""
-    from fcaformer.train import load_config, train
-    from fcaformer.train.state import list_states
+    from fcaformer.train import load_config, train_or_resume
 
-    done = out / "results.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    config = load_config("repro", [f"data.root={data_root}", f"run.output={out}", *COMMON, *overrides])
-    resume = out if list_states(out / "checkpoints") else None
-    print(f"=== {out.name}" + (" (resuming)" if resume else ""), flush=True)
-    return train(config, resume=resume)
+    print(f"=== {out.name}", flush=True)
+    return train_or_resume(load_config("repro", [f"data.root={data_root}", f"run.output={out}", *COMMON, *overrides]))
 
 
 def pretrain(runs: Path, out: Path, data_root: str, extra: list[str]) -> tuple[Path, dict[str, Any]]:
@@ -131,21 +134,37 @@ def dev_split(data_root: str, runs: Path, extra: list[str]) -> Path:
     return root
 
 
-def select_lrs(runs: Path, out: Path, checkpoint: Path, data_root: str, extra: list[str]) -> dict[str, Any]:
-    """The best lr of :data:`LR_GRID` per arm on the development split (seed 0); written to
+def setting_overrides(setting: Setting) -> list[str]:
+    return [f"optim.{key}={json.dumps(value)}" for key, value in setting.items()]
+
+
+def setting_text(setting: Setting) -> str:
+    """``lr 0.002, layer decay 0.75`` (tables and figures)."""
+    return ", ".join(f"{key.replace('_', ' ')} {'off' if value is None else f'{value:g}'}"
+                     for key, value in setting.items())
+
+
+def setting_label(setting: Setting) -> str:
+    """``lr0.002-layer_decay0.75``; ``layer_decay_off`` for None (a run folder's name)."""
+    return "-".join(f"{key}_off" if value is None else f"{key}{value:g}" for key, value in setting.items())
+
+
+def select_settings(runs: Path, out: Path, checkpoint: Path, data_root: str, extra: list[str]) -> dict[str, Any]:
+    """The best setting of :data:`GRID` per arm on the development split (seed 0); written to
     ``<out>/lr_selection.json``."""
     dev = dev_split(data_root, runs, extra)
     table: dict[str, Any] = {"dev_val_images_per_class": DEV_PER_CLASS, "arms": {}}
-    for arm, lrs in LR_GRID.items():
+    for arm, settings in GRID.items():
         start = [f"model.pretrained={checkpoint}"] if arm != "scratch" else []
         scores = {}
-        for lr in lrs:
-            result = train_run(runs / f"dev-{arm}-lr{lr:g}", [*TRANSFER, *ARMS[arm], *start, f"optim.lr={lr}",
-                                                               "run.seed=0", *extra, "data.classes=null"], str(dev))
-            scores[f"{lr:g}"] = result["val"]["top1"]
-            print(f"--- dev {arm} lr {lr:g}: top-1 {scores[f'{lr:g}']:.2f}%", flush=True)
-        best = max(scores, key=scores.get)
-        table["arms"][arm] = {"dev_top1": scores, "selected_lr": float(best)}
+        for setting in settings:
+            label = setting_label(setting)
+            result = train_run(runs / f"dev-{arm}-{label}", [*TRANSFER, *ARMS[arm], *start, *setting_overrides(setting),
+                                                             "run.seed=0", *extra, "data.classes=null"], str(dev))
+            scores[label] = result["val"]["top1"]
+            print(f"--- dev {arm} {label}: top-1 {scores[label]:.2f}%", flush=True)
+        best = max(settings, key=lambda setting: scores[setting_label(setting)])
+        table["arms"][arm] = {"dev_top1": scores, "selected": best}
     from fcaformer.io import atomic_json_dump
 
     atomic_json_dump(table, out / "lr_selection.json")
@@ -153,33 +172,29 @@ def select_lrs(runs: Path, out: Path, checkpoint: Path, data_root: str, extra: l
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One arm of one study: seeds, top-1 per seed, mean and sample std, top-5 mean, time per epoch."""
-    top1 = [r["val"]["top1"] for r in runs]
-    return {
-        "seeds": [r["seed"] for r in runs],
-        "lr": runs[0]["lr_at_base_batch"],
-        "top1": top1,
-        "top1_mean": statistics.mean(top1),
-        "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-        "top5_mean": statistics.mean(r["val"]["top5"] for r in runs),
-        "epoch_time_s": statistics.mean(r["mean_epoch_time_s"] for r in runs),
-        "train_images": runs[0]["train_images"],
-        "val_images": runs[0]["val_images"],
-        "steps": runs[0]["steps"],
-        "pretrained": runs[0].get("pretrained"),
-    }
+    """One arm of one study: the seeds' results (:func:`~fcaformer.train.metrics.summarise_seeds`), its setting
+    and what it started from."""
+    from fcaformer.train.metrics import summarise_seeds
+
+    return {**summarise_seeds(runs), "setting": runs[0]["setting"], "pretrained": runs[0].get("pretrained")}
 
 
 def compare(arms: dict[str, Any]) -> dict[str, float]:
-    """Fine-tuning vs scratch: the difference of the means, in points and in pooled standard deviations, and the
-    worst fine-tuning seed minus the best scratch seed."""
+    """Fine-tuning vs scratch: the difference of the means, in points and in pooled standard deviations, the worst
+    fine-tuning seed minus the best scratch seed, and Welch's t-test (two-sided)."""
     if "finetune" not in arms or "scratch" not in arms:
         return {}
     ft, sc = arms["finetune"], arms["scratch"]
     margin = ft["top1_mean"] - sc["top1_mean"]
     pooled = ((ft["top1_std"] ** 2 + sc["top1_std"] ** 2) / 2) ** 0.5
-    return {"margin": margin, "margin_in_pooled_std": margin / max(pooled, 1e-9),
-            "worst_finetune_minus_best_scratch": min(ft["top1"]) - max(sc["top1"])}
+    result = {"margin": margin, "margin_in_pooled_std": margin / max(pooled, 1e-9),
+              "worst_finetune_minus_best_scratch": min(ft["top1"]) - max(sc["top1"])}
+    if min(len(ft["top1"]), len(sc["top1"])) > 1 and pooled > 0:
+        from scipy.stats import ttest_ind
+
+        test = ttest_ind(ft["top1"], sc["top1"], equal_var=False)
+        result.update(welch_t=float(test.statistic), welch_p=float(test.pvalue))
+    return result
 
 
 def aggregate(studies: dict[str, dict[str, list[dict[str, Any]]]], pretrain_result: dict[str, Any],
@@ -195,7 +210,8 @@ def aggregate(studies: dict[str, dict[str, list[dict[str, Any]]]], pretrain_resu
         "transfer_classes": TRANSFER_CLASSES,
         "studies": {},
         "lr_selection": lr_selection,
-        "overrides": {"common": COMMON, "pretrain": PRETRAIN, "transfer": TRANSFER, "arms": ARMS, "lr_grid": LR_GRID},
+        "overrides": {"common": COMMON, "pretrain": PRETRAIN, "transfer": TRANSFER, "arms": ARMS,
+                      "preset_settings": PRESET_SETTINGS, "grid": GRID},
     }
     for study, results in studies.items():
         arms = {arm: summarise(runs) for arm, runs in results.items() if runs}
@@ -210,13 +226,19 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     lines = []
     for study, content in table["studies"].items():
         lines += [f"{study}:", "",
-                  "| arm | lr (batch 32) | seeds | top-1 mean ± std (%) | per seed | train images | steps | s/epoch |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| arm | setting (lr at batch 32) | seeds | top-1 mean ± std (%) | per seed | train images | steps "
+                  "| s/epoch |", "|---|---|---|---|---|---|---|---|"]
         for name, row in content["arms"].items():
             per_seed = ", ".join(f"{v:.2f}" for v in row["top1"])
-            lines.append(f"| {name} | {row['lr']:g} | {len(row['seeds'])} | {row['top1_mean']:.2f} ± "
+            lines.append(f"| {name} | {setting_text(row['setting'])} | {len(row['seeds'])} | {row['top1_mean']:.2f} ± "
                          f"{row['top1_std']:.2f} | {per_seed} | {row['train_images']} | {row['steps']} | "
                          f"{row['epoch_time_s']:.1f} |")
+        versus = content["finetune_vs_scratch"]
+        if versus:
+            welch = f", Welch t {versus['welch_t']:.2f}, p {versus['welch_p']:.2g}" if "welch_p" in versus else ""
+            lines += ["", f"fine-tune − scratch: {versus['margin']:+.2f} points ({versus['margin_in_pooled_std']:.1f} "
+                      f"pooled std){welch}; worst fine-tune seed − best scratch seed: "
+                      f"{versus['worst_finetune_minus_best_scratch']:+.2f} points"]
         lines.append("")
     atomic_report(table, "\n".join(lines), out / "results")
 
@@ -228,7 +250,7 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
             ax.scatter([i] * len(row["top1"]), row["top1"], color="black", zorder=3, s=14)
         ax.axhline(20, color="grey", lw=1, ls=":", label="chance (5 classes)")
         ax.set_xticks(range(len(content["arms"])),
-                      [f"{name}\nlr {row['lr']:g}" for name, row in content["arms"].items()])
+                      [f"{name}\n{setting_text(row['setting'])}" for name, row in content["arms"].items()])
         ax.set_ylim(0, 100)
         ax.set_ylabel("val top-1 on the 5 new classes (%)")
         ax.set_title(f"{study}: mean ± std over seeds (dots = seeds)", fontsize=9)
@@ -241,7 +263,7 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imagenette-160"))
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "finetune", help="one folder per run")
@@ -249,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="aggregate and the pretrained checkpoint")
     parser.add_argument("--figure", type=Path, default=REPO / "docs" / "finetuning.png")
     parser.add_argument("--select-lr", action="store_true",
-                        help="also choose each arm's lr on a development split and run the arms at those lrs")
+                        help="also choose each arm's setting (lr; layer decay for fine-tuning) on a development split "
+                        "and run the arms at those settings")
     parser.add_argument("--quick", action="store_true",
                         help="one epoch, 8 training and 4 val images per class (a smoke test)")
     args = parser.parse_args(argv)
@@ -257,35 +280,25 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint, pretrain_result = pretrain(args.runs, args.out, args.data, extra)
     print(f"--- pretrain: top-1 {pretrain_result['val']['top1']:.2f}% on the 5 pretraining classes", flush=True)
-    selection = select_lrs(args.runs, args.out, checkpoint, args.data, extra) if args.select_lr else None
+    selection = select_settings(args.runs, args.out, checkpoint, args.data, extra) if args.select_lr else None
     studies: dict[str, dict[str, list[dict[str, Any]]]] = {"same_lr": {arm: [] for arm in args.arms}}
     if selection:
-        studies["selected_lr"] = {arm: [] for arm in args.arms}
+        studies["selected"] = {arm: [] for arm in args.arms}
     for study, results in studies.items():
         for seed in args.seeds:  # seed-major: every arm gets its first seed early
             for arm in args.arms:
                 start = [f"model.pretrained={checkpoint}"] if arm != "scratch" else []
-                name, lr = f"{arm}-s{seed}", None
-                if study == "selected_lr":
-                    lr = selection["arms"][arm]["selected_lr"]
-                    if lr != _preset_lr():  # else the same_lr run is this run
-                        name = f"{arm}-lr{lr:g}-s{seed}"
-                lr_override = [f"optim.lr={lr}"] if lr is not None else []
-                result = train_run(args.runs / name, [*TRANSFER, *ARMS[arm], *start, *lr_override, f"run.seed={seed}",
-                                                      *extra], args.data)
-                result["seed"] = seed
-                result["lr_at_base_batch"] = lr if lr is not None else _preset_lr()
+                setting = selection["arms"][arm]["selected"] if study == "selected" else PRESET_SETTINGS[arm]
+                # named by the setting: a study whose setting is the other's reuses its runs
+                result = train_run(args.runs / f"{arm}-{setting_label(setting)}-s{seed}",
+                                   [*TRANSFER, *ARMS[arm], *start, *setting_overrides(setting), f"run.seed={seed}",
+                                    *extra], args.data)
+                result.update(seed=seed, setting=setting)
                 results[arm].append(result)
                 write_outputs(aggregate(studies, pretrain_result, selection), args.out, args.figure)
                 print(f"--- {study} {arm} seed {seed}: top-1 {result['val']['top1']:.2f}% "
                       f"({result['mean_epoch_time_s']:.1f} s/epoch)", flush=True)
     return 0
-
-
-def _preset_lr() -> float:
-    from fcaformer.train import load_config
-
-    return load_config("repro").optim.lr
 
 
 if __name__ == "__main__":

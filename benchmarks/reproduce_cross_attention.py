@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,46 +35,26 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def run_one(variant: str, seed: int, runs: Path, overrides: list[str], data_root: str) -> dict[str, Any]:
     """Train (or resume, or skip) one variant/seed; returns its results.json content."""
-    from fcaformer.train import load_config, train
-    from fcaformer.train.state import list_states
+    from fcaformer.train import load_config, train_or_resume
 
     out = runs / f"{variant}-s{seed}"
-    done = out / "results.json"
-    if done.exists():
-        return json.loads(done.read_text())
     arch = [f"model.kwargs.{k}={json.dumps(v)}" for k, v in VARIANTS[variant].items()]
-    config = load_config("repro", [f"data.root={data_root}", f"run.seed={seed}", f"run.output={out}",
-                                   "run.progress=false", *arch, *overrides])
-    resume = out if list_states(out / "checkpoints") else None
-    print(f"=== {variant} seed {seed} -> {out}" + (" (resuming)" if resume else ""), flush=True)
-    return train(config, resume=resume)
+    print(f"=== {variant} seed {seed} -> {out}", flush=True)
+    return train_or_resume(load_config("repro", [f"data.root={data_root}", f"run.seed={seed}", f"run.output={out}",
+                                                 "run.progress=false", *arch, *overrides]))
 
 
 def aggregate(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per variant: the model, seeds, top-1 per seed, mean and sample std, params, MACs, mean time per epoch."""
+    """Per variant: the model and its seeds' results (:func:`~fcaformer.train.metrics.summarise_seeds`)."""
     from fcaformer.models.names import describe_model
+    from fcaformer.train.metrics import summarise_seeds
 
-    table = {}
-    for variant, runs in results.items():
-        if not runs:
-            continue
-        top1 = [r["val"]["top1"] for r in runs]
-        first = runs[0]
-        table[variant] = {
-            # runs from before the small variants were registered record fcaformer_l1 with femto's sizes
-            "model": first.get("model") or describe_model(first["model_name"], first["model_kwargs"]),
-            "seeds": [r["seed"] for r in runs],
-            "top1": top1,
-            "top1_mean": statistics.mean(top1),
-            "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-            "top5_mean": statistics.mean(r["val"]["top5"] for r in runs),
-            "params": runs[0]["params"],
-            "macs": runs[0]["macs"],
-            "epoch_time_s": statistics.mean(r["mean_epoch_time_s"] for r in runs),
-            "train_images": runs[0]["train_images"],
-            "val_images": runs[0]["val_images"],
-        }
-    return table
+    return {
+        # runs from before the small variants were registered record fcaformer_l1 with femto's sizes
+        variant: {"model": runs[0].get("model") or describe_model(runs[0]["model_name"], runs[0]["model_kwargs"]),
+                  **summarise_seeds(runs)}
+        for variant, runs in results.items() if runs
+    }
 
 
 def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:

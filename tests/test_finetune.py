@@ -306,8 +306,8 @@ def test_pretrained_features_transfer_to_new_imagenette_classes(tmp_path: Path) 
     checkpoint that benchmarks/finetune_transfer.py trained) against the same network from its random
     initialisation, on the other five classes with 20 real training images each, the same recipe and budget (a
     linear probe at the lr chosen on the development split, 10 epochs, one seed), evaluated on 40 real val images
-    per class. The linear probe isolates what the loaded weights bring: the full fine-tuning-vs-scratch margin of
-    the documented experiment (+3.6 points) is too close to the seed spread for a one-seed test."""
+    per class. The linear probe isolates what the loaded weights bring, cheaply: the fine-tuning-vs-scratch
+    comparison needs two full runs and all val images (the slow test below)."""
     from benchmarks.finetune_transfer import ARMS, COMMON, TRANSFER
 
     data = shared_path("data", "imagenette-160")
@@ -321,3 +321,61 @@ def test_pretrained_features_transfer_to_new_imagenette_classes(tmp_path: Path) 
     assert reports["random"] is None and reports["pretrained"]["loaded"] == reports["pretrained"]["total"] - 2
     # measured on the project's CPU: 57.0 % vs 20.0 % (chance: a random trunk's features carry nothing here)
     assert top1["pretrained"] >= 45 and top1["pretrained"] >= top1["random"] + 15, top1
+
+
+@pytest.mark.slow
+def test_finetuning_beats_scratch_on_new_imagenette_classes(tmp_path: Path) -> None:
+    """The documented comparison itself, seed 0: fine-tuning the committed checkpoint (at the setting the
+    development split chose: lr 2e-3, no layer decay) against the same network from scratch, the full 30-epoch
+    budget on the 100 training images, scored on all 1,991 val images of the new classes (a 500-image subset is too
+    small: seed 0 measured +1.6 points there). Over five seeds the margin is +5.9 points and every fine-tuning seed
+    beats every scratch seed (docs/finetuning.md)."""
+    from benchmarks.finetune_transfer import ARMS, COMMON, TRANSFER, setting_overrides
+
+    data = shared_path("data", "imagenette-160")
+    top1 = {}
+    for arm, start in (("finetune", [f"model.pretrained={CHECKPOINT}"]), ("scratch", [])):
+        setting = {"lr": 2e-3, "layer_decay": None} if arm == "finetune" else {"lr": 2e-3}
+        config = load_config("repro", [f"data.root={data}", f"run.output={tmp_path / arm}", *COMMON, *TRANSFER,
+                                       *ARMS[arm], *start, *setting_overrides(setting)])
+        top1[arm] = train(config)["val"]["top1"]
+    # measured on the project's CPU (the documented seed-0 runs): 67.00 % vs 63.03 %
+    assert top1["finetune"] >= top1["scratch"] + 2, top1
+
+
+def test_transfer_script_selects_on_the_dev_split_and_compares(tmp_path: Path) -> None:
+    """benchmarks/finetune_transfer.py end to end in its smoke size (one epoch, 8 training and 4 val images per
+    class): each arm's selected setting is the grid's best on the development split, studies whose settings agree
+    share their runs, and the comparison is recomputed here from the per-seed numbers."""
+    import statistics
+
+    from scipy.stats import ttest_ind
+
+    from benchmarks.finetune_transfer import GRID, PRESET_SETTINGS, main, setting_label
+
+    out = tmp_path / "out"
+    assert main(["--quick", "--select-lr", "--seeds", "0", "1", "--data", str(shared_path("data", "imagenette-160")),
+                 "--runs", str(tmp_path / "runs"), "--out", str(out), "--figure", str(tmp_path / "f.png")]) == 0
+    table = json.loads((out / "results.json").read_text())
+    selection = json.loads((out / "lr_selection.json").read_text())
+    for arm, grid in GRID.items():
+        scores, selected = selection["arms"][arm]["dev_top1"], selection["arms"][arm]["selected"]
+        assert len(scores) == len(grid) and scores[setting_label(selected)] == max(scores.values())
+    for study, content in table["studies"].items():
+        arms = content["arms"]
+        assert set(arms) == set(GRID) and all(row["seeds"] == [0, 1] for row in arms.values())
+        for arm, row in arms.items():
+            expected = PRESET_SETTINGS[arm] if study == "same_lr" else selection["arms"][arm]["selected"]
+            assert row["setting"] == expected and row["val_images"] == 20 and row["train_images"] == 40
+            same = table["studies"]["same_lr"]["arms"][arm]
+            if row["setting"] == same["setting"]:  # the same runs, not a rerun
+                assert row["top1"] == same["top1"]
+        ft, sc = arms["finetune"]["top1"], arms["scratch"]["top1"]
+        versus = content["finetune_vs_scratch"]
+        assert versus["margin"] == pytest.approx(statistics.mean(ft) - statistics.mean(sc))
+        assert versus["worst_finetune_minus_best_scratch"] == pytest.approx(min(ft) - max(sc))
+        if "welch_p" in versus:
+            assert versus["welch_p"] == pytest.approx(ttest_ind(ft, sc, equal_var=False).pvalue)
+    assert (out / "femto_imagenette5.safetensors").is_file() and (tmp_path / "f.png").is_file()
+    assert "fine-tune − scratch" in (out / "results.md").read_text()
+

@@ -345,23 +345,23 @@ def convert_to_hub(
             raise CheckpointError(f"the written folder computes other logits than {weights.label} (relative "
                                   f"difference {measured['relative_diff']:.2e} > {PARITY_TOLERANCE}); nothing written")
         _record_parity(folder, measured)
-        return model_card(report_for(folder))
+        return model_card(report())
 
     architecture = describe_model(name, kwargs)
     params, macs = count_params(model), count_macs(model, (1, in_chans, size, size))
 
-    def report_for(folder: Path) -> ConvertReport:
+    def report() -> ConvertReport:
         return ConvertReport(
             out_dir=str(out_dir), source=weights.label, source_kind=weights.kind, source_sha256=weights.sha256,
-            model=name, architecture=architecture, model_args=json.loads((folder / "config.json").read_text())
-            .get("model_args", {}), params=params, macs=macs, img_size=size, **measured,
+            model=name, architecture=architecture, model_args=dict(kwargs), params=params, macs=macs, img_size=size,
+            **measured,
         )
 
     record = {"source": weights.label, "source_kind": weights.kind, "source_sha256": weights.sha256,
               "architecture": architecture}
     write_hub_folder(model, out_dir, model_args=kwargs, data_config=data_config, label_names=weights.class_names,
                      record=record, card=card, overwrite=overwrite)
-    return report_for(Path(out_dir))
+    return report()
 
 
 def _record_parity(folder: Path, measured: Mapping[str, float]) -> None:

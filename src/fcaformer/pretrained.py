@@ -63,6 +63,15 @@ class PretrainedWeights:
         return describe_model(self.model_name, self.model_kwargs) if self.model_name else None
 
 
+PREPROCESSING_KEYS = ("img_size", "crop_pct", "interpolation", "mean", "std")
+
+
+def preprocessing_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation preprocessing a checkpoint records: the :data:`PREPROCESSING_KEYS` entries of a training
+    run's ``data`` config that are present (mean and std as lists)."""
+    return {k: list(data[k]) if k in ("mean", "std") else data[k] for k in PREPROCESSING_KEYS if k in data}
+
+
 def read_pretrained(source: str | os.PathLike, use_ema: bool = False) -> PretrainedWeights:
     """Read pretrained weights from any source (see the module docstring).
 
@@ -90,8 +99,7 @@ def read_pretrained(source: str | os.PathLike, use_ema: bool = False) -> Pretrai
     if isinstance(raw, Mapping) and raw.get("format") == STATE_FORMAT:
         # the evaluation weights, as model.pt holds them: the EMA when the run kept one
         weights = raw["ema"] if raw.get("ema") is not None else raw["model"]
-        data = dict((raw.get("config") or {}).get("data") or {})
-        data_config = {k: data[k] for k in ("img_size", "crop_pct", "interpolation", "mean", "std") if k in data}
+        data_config = preprocessing_config((raw.get("config") or {}).get("data") or {})
         return PretrainedWeights(unwrap_state_dict(weights), "training state", label, raw.get("model_name"),
                                  dict(raw.get("model_kwargs") or {}), raw.get("class_names"), data_config or None,
                                  sha256, raw)

@@ -69,13 +69,16 @@ class SkipCounter:
     """
 
     logger: logging.Logger = log
-    counts: Counter = field(default_factory=Counter)
     details: dict[str, list[str]] = field(default_factory=dict)
 
+    @property
+    def counts(self) -> Counter:
+        """How many cases each reason has."""
+        return Counter({reason: len(cases) for reason, cases in self.details.items()})
+
     def add(self, reason: str, detail: str) -> None:
-        if not self.counts[reason]:
+        if reason not in self.details:
             self.logger.warning("skipping %s (first case: %s); further cases are counted", reason, detail)
-        self.counts[reason] += 1
         self.details.setdefault(reason, []).append(detail)
 
     def summary(self, examples: int = 3) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -72,13 +73,13 @@ def train_detector(config: DetectTrainConfig, show_progress: bool = True) -> dic
     Under torchrun each rank trains on its shard (DDP, gloo on CPU); rank 0 writes files and evaluates.
     """
     masks = config.arch == "mask_rcnn"
-    val: list[CocoDetection] = []  # read once, at the first validation
+    @functools.cache  # read once, at the first validation
+    def val_set() -> CocoDetection:
+        return CocoDetection(config.val_root or config.data_root, config.val_ann_file, masks=masks,
+                             min_usable=config.min_usable, progress=show_progress)
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
-        if not val:
-            val.append(CocoDetection(config.val_root or config.data_root, config.val_ann_file, masks=masks,
-                                     min_usable=config.min_usable, progress=show_progress))
-        return evaluate_detector(model, val[0], show_progress=show_progress)
+        return evaluate_detector(model, val_set(), show_progress=show_progress)
 
     sizes = "/".join(map(str, config.min_size))
     heavy = config.variant != "fcaformer_l1" or max(config.min_size) > CPU_MIN_SIZE

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, read_checkpoint
-from ..io import atomic_json_dump, atomic_torch_save, atomic_write
+from ..io import atomic_json_dump, atomic_torch_save
 from .inputs import LoadFailures, SkippingCollate, SkipUnloadable, loss_skipping
 
 log = logging.getLogger(__name__)
@@ -263,10 +263,7 @@ def plot_run(history: RunHistory, path: str | os.PathLike, metric_names: Sequenc
              title: str = "") -> Path:
     """Three panels against the iteration: the loss (each iteration and a running mean), the lr, and the
     validation metrics ``metric_names`` of ``history.evals``; resumes are marked. Written atomically (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: runs on servers without a display
-    import matplotlib.pyplot as plt
+    from ..train.metrics import plt, save_figure
 
     steps = np.arange(1, len(history.losses) + 1)
     losses = np.asarray(history.losses, dtype=float)
@@ -302,9 +299,7 @@ def plot_run(history: RunHistory, path: str | os.PathLike, metric_names: Sequenc
     if title:
         fig.suptitle(title + (f" (resumed at {', '.join(map(str, history.resumed_at))})"
                               if history.resumed_at else ""))
-    out = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------- drivers
@@ -343,12 +338,16 @@ class DenseTrainConfig:
     min_usable: float = 0.5
 
 
-def warmup_length(config: DenseTrainConfig) -> int:
-    """The warm-up of ``config``; ``ValueError`` when it would not end before training does."""
+def check_config(config: DenseTrainConfig) -> None:
+    """``ValueError`` naming the option for values no run can use."""
     if config.iterations < 1:
         raise ValueError(f"--iterations must be at least 1, got {config.iterations}")
     if not 0.0 <= config.min_usable <= 1.0:
         raise ValueError(f"--min-usable is a fraction in [0, 1], got {config.min_usable}")
+
+
+def warmup_length(config: DenseTrainConfig) -> int:
+    """The warm-up of ``config``; ``ValueError`` when it would not end before training does."""
     if config.warmup_iters is None:
         return min(DEFAULT_WARMUP, config.iterations // 10)
     if not 0 <= config.warmup_iters < config.iterations:
@@ -404,6 +403,7 @@ def train_dense_task(
         where = f"{out_dir} has no last.pt" if out_dir.is_dir() else f"{out_dir} does not exist"
         raise FileNotFoundError(f"--resume: nothing to resume, {where}; check --out, or leave out --resume to "
                                 "start a new run")
+    check_config(config)
     warmup = warmup_length(config)
     info = setup_distributed(config.device)
     for seed in seeders:

@@ -9,9 +9,8 @@ from torch import nn
 MIN_INPUT_SIZE = 32
 
 
-# An FX leaf (timm's registry here; the modules that call it also torch.fx.wrap it for any tracer): a traced graph
+# An FX leaf (timm's registry here; the modules that call it torch.fx.wrap it for any tracer): a traced graph
 # checks the real input when it runs. TorchScript skips the check (a scripted model's input is typed).
-@torch.fx.wrap
 @register_notrace_function
 def check_image_batch(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     """Raise ``ValueError`` (expected vs got) unless ``x`` is a float ``(B, in_chans, H, W)`` batch, H, W >= 32."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -81,14 +82,14 @@ def train_segmentor(config: SegmentTrainConfig, show_progress: bool = True) -> d
     if config.class_names is not None and len(config.class_names) != config.num_classes:
         raise ValueError(f"{len(config.class_names)} class names for {config.num_classes} classes: give one name per "
                          "class (after --reduce-zero-label), in label order")
-    val: list[SegmentationFolder] = []  # scanned once, at the first validation
+    @functools.cache  # scanned once, at the first validation
+    def val_set() -> SegmentationFolder:
+        return SegmentationFolder(config.val_img_dir, config.val_ann_dir, config.num_classes,
+                                  reduce_zero_label=config.reduce_zero_label, min_usable=config.min_usable)
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
-        if not val:
-            val.append(SegmentationFolder(config.val_img_dir, config.val_ann_dir, config.num_classes,
-                                          reduce_zero_label=config.reduce_zero_label, min_usable=config.min_usable))
         test_size = config.base_size if config.val_test_size is None else config.val_test_size
-        return evaluate_segmentor(model, val[0], mode=config.val_mode, test_size=test_size,
+        return evaluate_segmentor(model, val_set(), mode=config.val_mode, test_size=test_size,
                                   crop_size=config.crop_size, show_progress=show_progress)
 
     heavy = config.variant != "fcaformer_l1" or max(config.crop_size) > CPU_CROP

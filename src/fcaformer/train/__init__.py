@@ -2,7 +2,7 @@
 
 from .config import ConfigError, TrainConfig, list_presets, load_config
 from .data import DataError
-from .engine import Trainer, TrainingDiverged, train
+from .engine import Trainer, TrainingDiverged, train, train_or_resume
 from .evaluate import EvalResult, evaluate
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "list_presets",
     "load_config",
     "train",
+    "train_or_resume",
 ]

@@ -7,10 +7,11 @@ uninterrupted run exactly (in deterministic mode, same hardware and thread count
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from ..fast import fast_attention_modules, set_fast_attention
 from ..io import atomic_json_dump, atomic_write, relative_path, save_model
 from ..models.names import describe_model
-from ..pretrained import classifier_prefixes, load_pretrained
+from ..pretrained import load_pretrained, preprocessing_config
 from ..profile import count_macs, count_params
 from .config import ConfigError, TrainConfig, config_from_dict
 from .data import (
@@ -47,7 +48,7 @@ from .distributed import DistInfo, align_parameter_strides, all_true, barrier, i
 from .evaluate import EvalResult, autocast, evaluate
 from .metrics import plot_confusion, plot_curves, write_jsonl
 from .precise_bn import calibration_indices, calibration_loader, calibration_size, recalibrate_batchnorm
-from .state import load_latest_state, rng_state, save_state, set_rng_state
+from .state import list_states, load_latest_state, rng_state, save_state, set_rng_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,10 +137,9 @@ class Trainer:
             self.pretrained = report.to_dict()
             if self.dist.is_main:
                 tqdm.write(report.summary())
-        if config.model.freeze_backbone:
-            classifier = classifier_prefixes(self.model)[0]
-            for name, param in self.model.named_parameters():
-                param.requires_grad_(name.startswith(classifier))
+        if config.model.freeze_backbone:  # a linear probe: only the classifier trains
+            self.model.requires_grad_(False)
+            self.model.get_classifier().requires_grad_(True)
         self.model_summary = (f"{self.model_label}: {self.params / 1e6:.2f} M params, {self.macs / 1e6:.1f} MMACs "
                               f"at {config.data.img_size}px")
         self.model.to(self.device)
@@ -300,12 +300,10 @@ class Trainer:
         """``model.pt``: the evaluation weights in the self-describing project format (rank 0)."""
         if not self.dist.is_main:
             return None
-        d = self.config.data
         return save_model(
             self.out / "model.pt", self.eval_model(), self.config.model.name, self.model_kwargs,
             class_names=self.class_names,
-            data_config={"img_size": d.img_size, "crop_pct": d.crop_pct, "interpolation": d.interpolation,
-                         "mean": list(d.mean), "std": list(d.std)},
+            data_config=preprocessing_config(asdict(self.config.data)),
             metrics=metrics or {}, train_config=self.config.to_dict(), macs=self.macs, pretrained=self.pretrained,
         )
 
@@ -513,3 +511,13 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
         if trainer.skipped:
             tqdm.write(f"skipped {len(trainer.skipped)} unreadable files (listed in results.json)")
     return trainer.fit()
+
+
+def train_or_resume(config: TrainConfig) -> dict[str, Any]:
+    """Bring the run in ``config.run.output`` to its end and return its summary: read when the run has finished
+    (``results.json``), resumed from its latest training state when it was interrupted, else trained from the
+    start. Experiments of many runs use it to be restartable at any time."""
+    out = Path(config.run.output)
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
+    return train(config, resume=out if list_states(out / "checkpoints") else None)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_official, load_state_dict_strict, release_data_config
 from ..fast import fast_attention_modules, fuse_model
-from ..hub import HF_PREFIX, HUB_ORIGIN, LOCAL_PREFIX, create_from_hf_hub
+from ..hub import HF_PREFIX, HUB_ORIGIN, LOCAL_PREFIX, create_from_hf_hub, data_config_from_pretrained_cfg
 from ..io import PROJECT_FORMAT, load_model, read_model_file
 
 
@@ -54,10 +54,7 @@ def _imagenet_names(num_classes: int) -> tuple[list[str], list[str] | None]:
 
 
 def _timm_data_config(model: nn.Module) -> dict[str, Any]:
-    cfg = resolve_data_config({}, model=model)
-    return {"img_size": int(cfg["input_size"][-1]), "crop_pct": float(cfg["crop_pct"]),
-            "crop_mode": cfg.get("crop_mode", "center"), "interpolation": cfg["interpolation"],
-            "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+    return data_config_from_pretrained_cfg(resolve_data_config({}, model=model))
 
 
 def load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None = None,

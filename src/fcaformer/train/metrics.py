@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,23 @@ def write_jsonl(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> P
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def summarise_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One configuration trained under several seeds: the :func:`~fcaformer.train.train` summaries, each with a
+    ``seed`` key added, reduced to top-1 per seed, its mean and sample std, the top-5 mean, the mean time per epoch
+    and what every run shares (params, MACs, image and step counts)."""
+    top1 = [r["val"]["top1"] for r in results]
+    first = results[0]
+    return {
+        "seeds": [r["seed"] for r in results],
+        "top1": top1,
+        "top1_mean": statistics.mean(top1),
+        "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+        "top5_mean": statistics.mean(r["val"]["top5"] for r in results),
+        "epoch_time_s": statistics.mean(r["mean_epoch_time_s"] for r in results),
+        **{key: first.get(key) for key in ("params", "macs", "train_images", "val_images", "steps")},
+    }
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
