@@ -211,21 +211,12 @@ def _parameter_stats(model: Any, block_type: type) -> dict[str, Any]:
     return blocks
 
 
-def welch(a: list[float], b: list[float]) -> dict[str, float] | None:
-    if len(a) < 2 or len(b) < 2:
-        return None
-    from scipy.stats import ttest_ind
-
-    test = ttest_ind(a, b, equal_var=False)
-    return {"t": float(test.statistic), "p": float(test.pvalue), "diff": statistics.mean(a) - statistics.mean(b)}
-
-
 def aggregate(folder: Path, runs: list[tuple[str, int]], codes: dict[str, int], out: Path,
               meta: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from fcaformer.io import atomic_json_dump, load_model, save_model
-    from fcaformer.train.metrics import read_jsonl
+    from fcaformer.train.metrics import read_jsonl, welch_test
 
     per_run: dict[str, Any] = {}
     for variant, seed in runs:
@@ -266,7 +257,7 @@ def aggregate(folder: Path, runs: list[tuple[str, int]], codes: dict[str, int], 
                           "params": finals[0]["params"] if finals else None,
                           "macs": finals[0]["macs"] if finals else None}
     baseline = table.get("no_cross", {}).get("top1", [])
-    tests = {v: welch(row["top1"], baseline) for v, row in table.items() if v != "no_cross"}
+    tests = {v: welch_test(row["top1"], baseline) for v, row in table.items() if v != "no_cross"}
     result = {**meta, "variants": table, "welch_vs_no_cross": tests, "runs": per_run}
     atomic_json_dump(result, out / "results.json")
     return result

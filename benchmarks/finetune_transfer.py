@@ -189,11 +189,11 @@ def compare(arms: dict[str, Any]) -> dict[str, float]:
     pooled = ((ft["top1_std"] ** 2 + sc["top1_std"] ** 2) / 2) ** 0.5
     result = {"margin": margin, "margin_in_pooled_std": margin / max(pooled, 1e-9),
               "worst_finetune_minus_best_scratch": min(ft["top1"]) - max(sc["top1"])}
-    if min(len(ft["top1"]), len(sc["top1"])) > 1 and pooled > 0:
-        from scipy.stats import ttest_ind
+    from fcaformer.train.metrics import welch_test
 
-        test = ttest_ind(ft["top1"], sc["top1"], equal_var=False)
-        result.update(welch_t=float(test.statistic), welch_p=float(test.pvalue))
+    welch = welch_test(ft["top1"], sc["top1"])
+    if welch is not None:
+        result.update(welch_t=welch["t"], welch_p=welch["p"])
     return result
 
 

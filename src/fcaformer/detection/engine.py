@@ -73,6 +73,7 @@ def train_detector(config: DetectTrainConfig, show_progress: bool = True) -> dic
     Under torchrun each rank trains on its shard (DDP, gloo on CPU); rank 0 writes files and evaluates.
     """
     masks = config.arch == "mask_rcnn"
+
     @functools.cache  # read once, at the first validation
     def val_set() -> CocoDetection:
         return CocoDetection(config.val_root or config.data_root, config.val_ann_file, masks=masks,

@@ -82,6 +82,7 @@ def train_segmentor(config: SegmentTrainConfig, show_progress: bool = True) -> d
     if config.class_names is not None and len(config.class_names) != config.num_classes:
         raise ValueError(f"{len(config.class_names)} class names for {config.num_classes} classes: give one name per "
                          "class (after --reduce-zero-label), in label order")
+
     @functools.cache  # scanned once, at the first validation
     def val_set() -> SegmentationFolder:
         return SegmentationFolder(config.val_img_dir, config.val_ann_dir, config.num_classes,

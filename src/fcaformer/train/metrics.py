@@ -45,6 +45,17 @@ def summarise_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float] | None:
+    """Welch's two-sided t-test of ``a`` against ``b`` (``t``, ``p``, ``diff`` = mean(a) - mean(b)); None when an
+    arm has fewer than two values or neither varies."""
+    if min(len(a), len(b)) < 2 or statistics.stdev(a) + statistics.stdev(b) == 0:
+        return None
+    from scipy.stats import ttest_ind
+
+    test = ttest_ind(a, b, equal_var=False)
+    return {"t": float(test.statistic), "p": float(test.pvalue), "diff": statistics.mean(a) - statistics.mean(b)}
+
+
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG atomically (tight bounding box) and close it."""
     out = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
