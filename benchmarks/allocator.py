@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from fcaformer.benchmark import machine_info
-from fcaformer.io import atomic_json_dump, atomic_write
+from fcaformer.files import atomic_json_dump, atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 

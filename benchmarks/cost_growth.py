@@ -29,7 +29,7 @@ import torch
 import fcaformer  # noqa: F401  (registers the models)
 from fcaformer.benchmark import interleaved_timings, machine_info, randomize_weights_
 from fcaformer.fast import fuse_model, tune_cpu_allocator
-from fcaformer.io import atomic_json_dump, atomic_write
+from fcaformer.files import atomic_json_dump, atomic_write
 from fcaformer.layers import conv_out_size
 from fcaformer.profile import count_macs
 

@@ -215,8 +215,10 @@ def aggregate(folder: Path, runs: list[tuple[str, int]], codes: dict[str, int], 
               meta: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from fcaformer.io import atomic_json_dump, load_model, save_model
+    from fcaformer.files import atomic_json_dump
     from fcaformer.train.metrics import read_jsonl, welch_test
+    from fcaformer.weights import load_model
+    from fcaformer.weights.project import save_model
 
     per_run: dict[str, Any] = {}
     for variant, seed in runs:
@@ -264,7 +266,9 @@ def aggregate(folder: Path, runs: list[tuple[str, int]], codes: dict[str, int], 
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    from fcaformer.train.metrics import plt, save_figure
+    from fcaformer.files import pyplot, save_figure
+
+    plt = pyplot()
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
     colors = {v: f"C{i}" for i, v in enumerate(VARIANTS)}

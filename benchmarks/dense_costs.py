@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcaformer.detection import build_backbone, mask_rcnn
-from fcaformer.io import atomic_json_dump
+from fcaformer.files import atomic_json_dump
 from fcaformer.profile import count_params
 from fcaformer.segmentation import upernet
 

@@ -48,7 +48,7 @@ from fcaformer.deploy import (
     to_openvino,
 )
 from fcaformer.fast import tune_cpu_allocator
-from fcaformer.io import atomic_report, file_sha256, relative_path
+from fcaformer.files import atomic_report, file_sha256, relative_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "imagenette-160"
@@ -167,7 +167,7 @@ def accuracy(checkpoint: Path, calib_images: int, threads: int, configs: list[tu
     from torchvision.datasets import ImageFolder
 
     from fcaformer.deploy import build_runner
-    from fcaformer.io import load_model
+    from fcaformer.weights import load_model
 
     model, raw = load_model(checkpoint)
     data_config = raw["data_config"]

@@ -83,7 +83,8 @@ def pretrain(runs: Path, out: Path, data_root: str, extra: list[str]) -> tuple[P
     """The five-class model, saved as an fp16 safetensors project checkpoint (what the transfer runs start from)."""
     import torch
 
-    from fcaformer.io import load_model, save_model
+    from fcaformer.weights import load_model
+    from fcaformer.weights.project import save_model
 
     result = train_run(runs / "pretrain", [*PRETRAIN, *extra], data_root)
     checkpoint = out / CHECKPOINT_NAME
@@ -106,7 +107,7 @@ def dev_split(data_root: str, runs: Path, extra: list[str]) -> Path:
     import random
 
     from fcaformer.train import load_config
-    from fcaformer.train.data import load_image_lists
+    from fcaformer.train.datasets import load_image_lists
 
     root = runs / "dev-data"
     config = load_config("repro", [f"data.root={data_root}", *COMMON, *TRANSFER, *extra, "data.cache=false"])
@@ -165,7 +166,7 @@ def select_settings(runs: Path, out: Path, checkpoint: Path, data_root: str, ext
             print(f"--- dev {arm} {label}: top-1 {scores[label]:.2f}%", flush=True)
         best = max(settings, key=lambda setting: scores[setting_label(setting)])
         table["arms"][arm] = {"dev_top1": scores, "selected": best}
-    from fcaformer.io import atomic_json_dump
+    from fcaformer.files import atomic_json_dump
 
     atomic_json_dump(table, out / "lr_selection.json")
     return table
@@ -220,8 +221,9 @@ def aggregate(studies: dict[str, dict[str, list[dict[str, Any]]]], pretrain_resu
 
 
 def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
-    from fcaformer.io import atomic_report
-    from fcaformer.train.metrics import plt, save_figure
+    from fcaformer.files import atomic_report, pyplot, save_figure
+
+    plt = pyplot()
 
     lines = []
     for study, content in table["studies"].items():

@@ -43,7 +43,7 @@ from torch import nn
 import fcaformer
 from fcaformer.benchmark import machine_info, model_cost
 from fcaformer.fast import fuse_model, set_fast_attention
-from fcaformer.io import atomic_json_dump, atomic_write
+from fcaformer.files import atomic_json_dump, atomic_write
 
 FCAFORMER = ("fcaformer_l1", "fcaformer_l2", "fcaformer_l3", "fcaformer_l4")
 PEERS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "efficientformer_l1", "efficientformer_l3",
@@ -369,7 +369,9 @@ def goals(rows: dict[str, dict[str, Any]], fca: tuple[str, ...]) -> list[dict[st
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    from fcaformer.train.metrics import plt, save_figure
+    from fcaformer.files import pyplot, save_figure
+
+    plt = pyplot()
 
     rows = result["rows"]
     panels = [("infer_fp16_img_s", "inference fp16, batch 256 (img/s)"),

@@ -10,7 +10,7 @@ with the ``repro`` preset (same data, recipe and budget), several seeds each, se
 Each run writes its own folder (``--runs``); finished runs are skipped and interrupted ones resumed, so the
 script can be restarted at any time. After every run the aggregate (``<out>/results.json``, ``results.md``)
 and the figure (``docs/reproduction.png``) are rewritten, and the first finished seed of each variant is copied
-to ``<out>/checkpoints/<variant>.pt`` (a :func:`fcaformer.io.load_model` checkpoint with class names).
+to ``<out>/checkpoints/<variant>.pt`` (a :func:`fcaformer.weights.load_model` checkpoint with class names).
 
     nohup nice -n 5 python benchmarks/reproduce_cross_attention.py > runs/repro.log 2>&1 &
     python benchmarks/reproduce_cross_attention.py --seeds 0 --set run.epochs=1 data.train_per_class=4 \
@@ -58,8 +58,9 @@ def aggregate(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
-    from fcaformer.io import atomic_report
-    from fcaformer.train.metrics import plt, save_figure
+    from fcaformer.files import atomic_report, pyplot, save_figure
+
+    plt = pyplot()
 
     lines = ["| variant | model | seeds | top-1 mean ± std (%) | per seed | top-5 (%) | params | MACs | s/epoch |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args(argv)
 
-    from fcaformer.io import atomic_write
+    from fcaformer.files import atomic_write
 
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     for seed in args.seeds:  # seed-major: every variant gets its first seed (and checkpoint) early

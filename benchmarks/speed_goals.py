@@ -28,9 +28,9 @@ import torch
 
 import fcaformer
 from fcaformer.benchmark import interleaved_timings, machine_info, randomize_weights_
-from fcaformer.export import onnx_bytes, onnx_session, relative_error, run_onnx
+from fcaformer.deploy import onnx_bytes, onnx_session, relative_error, run_onnx
 from fcaformer.fast import fuse_model, set_fast_attention, tune_cpu_allocator
-from fcaformer.io import atomic_report
+from fcaformer.files import atomic_report
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "parity" / "official_fcaformer_l1_cls.pt"

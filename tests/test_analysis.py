@@ -28,9 +28,9 @@ from fcaformer.analysis import (
 )
 from fcaformer.analysis.plots import plot_attention_maps, plot_share_heatmap
 from fcaformer.analysis.recorder import window_origin, window_query
-from fcaformer.checkpoint import CheckpointError
 from fcaformer.cli import main
-from fcaformer.io import save_model
+from fcaformer.errors import CheckpointError
+from fcaformer.weights.project import save_model
 
 from .conftest import shared_path
 

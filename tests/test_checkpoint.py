@@ -12,10 +12,13 @@ import timm
 import torch
 
 import fcaformer
-from fcaformer.checkpoint import CheckpointError, load_state_dict_strict, resize_grid_parameters
 from fcaformer.cli import main
-from fcaformer.io import atomic_torch_save, load_model, save_model
+from fcaformer.errors import CheckpointError
+from fcaformer.files import atomic_torch_save
+from fcaformer.models.state_dicts import load_state_dict_strict, resize_grid_parameters
 from fcaformer.profile import REFERENCE
+from fcaformer.weights import load_model
+from fcaformer.weights.project import save_model
 from tests.conftest import shared_path
 
 SMALL = dict(dims=(16, 32, 64, 96), depths=(1, 1, 2, 2), num_heads=(2, 3), num_classes=3)

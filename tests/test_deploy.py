@@ -18,7 +18,6 @@ import torch
 
 from fcaformer.cli import main
 from fcaformer.deploy import (
-    DeployDependencyError,
     OnnxRunner,
     OpenVinoRunner,
     TorchRunner,
@@ -28,10 +27,11 @@ from fcaformer.deploy import (
     layout_share,
     list_images,
     load_images,
-    require,
 )
+from fcaformer.errors import MissingExtraError as DeployDependencyError
+from fcaformer.errors import require
 from fcaformer.export import export_model
-from fcaformer.io import load_model
+from fcaformer.weights import load_model
 from tests.conftest import REPO_ROOT, shared_path
 
 TRAINED = REPO_ROOT / "docs" / "repro_gpu" / "checkpoints" / "fca_release.safetensors"

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import fcaformer
-from fcaformer.checkpoint import CheckpointError
 from fcaformer.cli import main as cli_main
 from fcaformer.detection import (
     AnnotationError,
@@ -25,6 +24,7 @@ from fcaformer.detection import (
 )
 from fcaformer.detection.engine import DetectTrainConfig, load_detector, train_detector
 from fcaformer.detection.training import layer_decay_param_groups, read_task_checkpoint
+from fcaformer.errors import CheckpointError
 from tests.conftest import shared_path
 
 SMALL = dict(dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(3, 4))

@@ -9,9 +9,10 @@ import torch
 
 import fcaformer
 from fcaformer.cli import main
-from fcaformer.export import export_model, onnx_session, relative_error, run_onnx
+from fcaformer.deploy import onnx_session, relative_error, run_onnx
+from fcaformer.export import export_model
 from fcaformer.fast import fuse_model
-from fcaformer.io import save_model
+from fcaformer.weights.project import save_model
 from tests.test_fast import randomize_
 
 # A narrow model with the full structure (conv stages, two Fca stages with cross-token histories): exports fast.

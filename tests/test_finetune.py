@@ -11,13 +11,14 @@ import timm
 import torch
 
 import fcaformer
-from fcaformer.checkpoint import CheckpointError
 from fcaformer.cli import main as cli_main
-from fcaformer.io import save_model
-from fcaformer.pretrained import load_pretrained, read_pretrained
+from fcaformer.errors import CheckpointError
 from fcaformer.train import DataError, load_config, train
-from fcaformer.train.data import load_image_lists
+from fcaformer.train.datasets import load_image_lists
 from fcaformer.train.engine import Trainer
+from fcaformer.weights import read_weights as read_pretrained
+from fcaformer.weights.pretrained import load_pretrained
+from fcaformer.weights.project import save_model
 from tests._train_helpers import TINY_MODEL, tiny_overrides
 from tests.conftest import shared_path
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcaformer.io import load_model
 from fcaformer.train.device_data import pack_image_folder
+from fcaformer.weights import load_model
 from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]

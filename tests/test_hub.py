@@ -13,9 +13,12 @@ import torch
 import fcaformer
 from fcaformer.cli import main as cli_main
 from fcaformer.detection.backbone import build_backbone, load_backbone_weights
-from fcaformer.hub import PARITY_TOLERANCE, read_hub_folder
-from fcaformer.io import file_sha256, load_model, save_model
+from fcaformer.files import file_sha256
 from fcaformer.train.inference import load_any_model
+from fcaformer.weights import load_model
+from fcaformer.weights.convert import PARITY_TOLERANCE
+from fcaformer.weights.hub import read_hub_folder
+from fcaformer.weights.project import save_model
 from tests._train_helpers import make_image_folder
 from tests.conftest import shared_path
 
@@ -144,7 +147,7 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path: Path, capsys: p
     assert cli_main(["convert", str(bare), str(tmp_path / "out"), "--model", "fcaformer_atto"]) == 0
     capsys.readouterr()
     assert "already exists" in fails(str(bare), str(tmp_path / "out"), "--model", "fcaformer_atto")
-    monkeypatch.setattr("fcaformer.hub.PARITY_TOLERANCE", -1.0)  # any difference now fails the parity check
+    monkeypatch.setattr("fcaformer.weights.convert.PARITY_TOLERANCE", -1.0)  # any difference now fails the parity check
     assert "nothing written" in fails(str(bare), str(tmp_path / "out2"), "--model", "fcaformer_atto")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.pth", "broken.safetensors", "dense.pth", "out"]
     assert cli_main(["convert", str(bare), str(tmp_path / "out"), "--model", "fcaformer_atto", "--overwrite"]) == 2

@@ -10,11 +10,11 @@ import pytest
 import timm
 import yaml
 
-from fcaformer.io import load_model
 from fcaformer.models import SMALL_ARCHS
 from fcaformer.models.names import describe_model
 from fcaformer.profile import count_params
 from fcaformer.train import engine, list_presets, load_config, train
+from fcaformer.weights import load_model
 from tests._train_helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import fcaformer
-from fcaformer.checkpoint import infer_release_config
+from fcaformer.weights.release import infer_release_config
 from tests.conftest import shared_path
 
 TOLERANCE = 1e-5

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from fcaformer.checkpoint import CheckpointError
 from fcaformer.cli import main as cli_main
 from fcaformer.detection.inputs import DataCheckError, SampleError
 from fcaformer.detection.training import read_task_checkpoint
+from fcaformer.errors import CheckpointError
 from fcaformer.segmentation import SegmentationFolder, load_segmentor_backbone, segmentor_trunk, upernet
 from fcaformer.segmentation.data import normalize
 from fcaformer.segmentation.engine import (
@@ -224,7 +224,7 @@ def test_segment_cli_train_eval_predict(tmp_path) -> None:
 
 
 def _detection_like(tmp_path) -> str:
-    from fcaformer.io import atomic_torch_save
+    from fcaformer.files import atomic_torch_save
 
     path = tmp_path / "det.pt"
     atomic_torch_save({"format": "fcaformer-dense-v1", "task": "detection", "builder": {}, "state_dict": {}}, path)

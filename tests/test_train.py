@@ -16,19 +16,19 @@ import torch
 import fcaformer
 from fcaformer.cli import main as cli_main
 from fcaformer.fast import is_fused
-from fcaformer.io import load_model
 from fcaformer.train import ConfigError, DataError, list_presets, load_config
 from fcaformer.train.config import config_from_dict
 from fcaformer.train.data import (
     ImageDataset,
     ResumableSampler,
     build_eval_transform,
-    load_image_lists,
     scan_image_folder,
 )
+from fcaformer.train.datasets import load_image_lists
 from fcaformer.train.engine import Trainer, TrainingDiverged, train
 from fcaformer.train.inference import load_any_model
 from fcaformer.train.state import list_states, load_latest_state
+from fcaformer.weights import load_model
 from tests._train_helpers import make_image_folder, tiny_overrides
 from tests.conftest import shared_path
 
@@ -179,7 +179,7 @@ def test_train_writes_a_complete_run_folder(tmp_path: Path) -> None:
     assert summary["val"]["images"] == 20 and summary["steps"] == 10
     # the lr is the linearly scaled one, and it decays by the cosine schedule
     assert summary["lr"] == pytest.approx(2e-3 * 8 / 64)
-    # model.pt is rebuilt by fcaformer.io.load_model alone and reproduces the reported accuracy
+    # model.pt is rebuilt by fcaformer.weights.load_model alone and reproduces the reported accuracy
     model, ckpt = load_model(out / "model.pt")
     assert ckpt["class_names"] == [str(i) for i in range(10)]
     _, val_list = load_image_lists(config.data)

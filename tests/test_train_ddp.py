@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from fcaformer.io import load_model
 from fcaformer.train import load_config
-from fcaformer.train.data import ImageDataset, build_eval_transform, eval_loader, load_image_lists
+from fcaformer.train.data import ImageDataset, build_eval_transform, eval_loader
+from fcaformer.train.datasets import load_image_lists
 from fcaformer.train.engine import Trainer
 from fcaformer.train.evaluate import evaluate
+from fcaformer.weights import load_model
 from tests._train_helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fcaformer.cli import main as cli_main
-from fcaformer.io import load_model
+from fcaformer.weights import load_model
 from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]

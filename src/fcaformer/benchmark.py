@@ -23,6 +23,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
+from . import models as _registry  # noqa: F401  (registers the FcaFormer zoo with timm)
+from .deploy import (
+    OpenVinoRunner,
+    TorchRunner,
+    build_runner,
+    check_precision,
+    layout_share,
+    onnx_bytes,
+    onnx_session,
+    run_onnx,
+)
+from .files import atomic_write
 from .profile import count_macs, count_params
 
 TIMM_PEERS: tuple[str, ...] = (
@@ -254,8 +266,6 @@ def latency_vs_macs_plot(rows: Sequence[ModelRow], path: str | os.PathLike, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write
-
     timed = [r for r in rows if r.latency is not None]
     panels = [("latency, batch 1, median (ms)", lambda r: r.latency.median_ms)]
     if any(r.throughput_ips for r in timed):
@@ -302,8 +312,6 @@ def _annotate_apart(fig: Any, ax: Any, points: Sequence[tuple[str, float, float]
 def _build(name: str, img_size: int) -> nn.Module:
     import timm
 
-    import fcaformer  # noqa: F401  (registers the zoo)
-
     model = timm.create_model(name, pretrained=False)
     if name.startswith("fcaformer"):
         randomize_weights_(model)
@@ -347,8 +355,7 @@ def run_zoo(
     Returns:
         the rows and a dict of run information (machine, load averages, settings).
     """
-    from .deploy import OpenVinoRunner, TorchRunner, build_runner, check_precision, layout_share
-    from .export import onnx_bytes, onnx_session, run_onnx
+
 
     check_precision(runtime, precision)
     threads = torch.get_num_threads()

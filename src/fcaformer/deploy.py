@@ -12,14 +12,15 @@ precision, so that FcaFormer and its peers can be measured under the *same* runt
   real images).
 
 FcaFormer hybrids go to ONNX and OpenVINO as the lean graph (:mod:`fcaformer.lean`): a single channels-first
-layout the runtimes optimise end to end. The runtime packages are the optional ``[deploy]`` extra (OpenVINO and
-NNCF; ONNX Runtime is a core dependency); :func:`require` names the extra when one is missing.
+layout the runtimes optimise end to end. The runtime packages are optional extras (``[export]``: ONNX and ONNX
+Runtime; ``[deploy]``: those, OpenVINO and NNCF); :func:`fcaformer.errors.require` names the extra when one is
+missing.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib
+import io
 import json
 import os
 import tempfile
@@ -33,6 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import require
+from .fast import fast_attention_modules, fuse_model
+from .lean import lean_model, supports_lean
+from .train.data import build_eval_transform
+
+DEFAULT_OPSET = 18
+"""ONNX opset of the exported graphs."""
 Runtime = Literal["torch", "onnxruntime", "openvino"]
 Precision = Literal["fp32", "bf16", "int8"]
 RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
@@ -50,21 +58,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LAYOUT_OPS = ("Transpose", "Reorder", "Concat", "Gather", "Split", "VariadicSplit", "Slice", "StridedSlice",
               "aten::cat", "aten::copy_", "aten::clone", "aten::index", "aten::contiguous")
 """Op types (OpenVINO / ONNX Runtime node types, PyTorch ops) that move or reorder data rather than compute."""
-
-
-class DeployDependencyError(ImportError):
-    """A deployment runtime package is missing; the message names the extra that installs it."""
-
-
-def require(module: str) -> Any:
-    """Import ``module`` (``"openvino"`` or ``"nncf"``), or raise :class:`DeployDependencyError` naming the
-    ``[deploy]`` extra."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise DeployDependencyError(
-            f"{module} is not installed; install the deployment extra: pip install 'fcaformer[deploy]'"
-        ) from error
 
 
 def check_precision(runtime: str, precision: str) -> None:
@@ -85,9 +78,6 @@ def inference_graph(model: nn.Module, runtime: str, img_size: tuple[int, int] | 
     form for anything else. ``model`` is not modified."""
     from timm.utils.model import reparameterize_model
 
-    from .fast import fast_attention_modules, fuse_model
-    from .lean import lean_model, supports_lean
-
     model = model.eval()
     if not fast_attention_modules(model):
         return reparameterize_model(model)
@@ -95,6 +85,59 @@ def inference_graph(model: nn.Module, runtime: str, img_size: tuple[int, int] | 
         lean = lean_model(model)
         return lean.prepare(img_size) if img_size else lean
     return fuse_model(model)
+
+
+
+# ---------------------------------------------------------------------------------------------------- ONNX
+def relative_error(out: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (tiny outputs must not underflow to a zero error)."""
+    out64 = torch.as_tensor(np.asarray(out, dtype=np.float64) if isinstance(out, np.ndarray) else out).double()
+    ref64 = torch.as_tensor(np.asarray(ref, dtype=np.float64) if isinstance(ref, np.ndarray) else ref).double()
+    return ((out64 - ref64).norm() / ref64.norm()).item()
+
+
+def onnx_bytes(
+    model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET
+) -> bytes:
+    """Serialised ONNX model of ``model`` traced on ``example`` (dynamo-based exporter)."""
+    onnx = require("onnx", feature="ONNX export")
+    require("onnxscript", feature="ONNX export")  # torch's ONNX exporter imports it
+
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's problem
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False
+        )
+    buffer = io.BytesIO()
+    onnx.save(program.model_proto, buffer)
+    return buffer.getvalue()
+
+
+def onnx_session(model_bytes_or_path: bytes | str | os.PathLike, threads: int | None = None, spin: bool = True):
+    """An onnxruntime CPU ``InferenceSession``.
+
+    Args:
+        model_bytes_or_path: the ONNX model.
+        threads: intra-op threads (default: onnxruntime's choice).
+        spin: let idle worker threads busy-wait for the next run (onnxruntime's default). Turn it off when
+            the session shares the cores with other work, e.g. timed interleaved with PyTorch models: the
+            spinning threads would otherwise slow down whatever runs right after.
+    """
+    ort = require("onnxruntime", feature="ONNX Runtime")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model_bytes_or_path if isinstance(model_bytes_or_path, bytes) else str(model_bytes_or_path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, x: torch.Tensor) -> list[np.ndarray]:
+    """Run an onnxruntime session on one image batch."""
+    return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
 
 
 # --------------------------------------------------------------------------------------------- calibration
@@ -132,8 +175,6 @@ def load_images(paths: Sequence[Path], transform: Callable) -> torch.Tensor:
 def eval_transform(data_config: dict[str, Any], img_size: tuple[int, int]) -> Callable:
     """The eval transform (:func:`fcaformer.train.data.build_eval_transform`) of a model's data config (timm's
     ``pretrained_cfg`` keys or a project checkpoint's ``data_config``, defaults for missing keys) at ``img_size``."""
-    from .train.data import build_eval_transform
-
     size = img_size[0] if img_size[0] == img_size[1] else tuple(img_size)
     return build_eval_transform(size, data_config.get("crop_pct", 0.875), data_config.get("interpolation", "bicubic"),
                                 data_config.get("mean", (0.485, 0.456, 0.406)),
@@ -249,8 +290,7 @@ def quantize_onnx(model_bytes: bytes, calibration: torch.Tensor) -> bytes:
     NNCF rather than ONNX Runtime's own ``quantize_static``: on a trained model and real images its top-1
     agreement with fp32 was 97 % against 89 % (300 Imagenette images, docs/deployment.md).
     """
-    import onnx
-
+    onnx = require("onnx", feature="ONNX export")
     proto = onnx.load_from_string(model_bytes)
     weights = {init.name for init in proto.graph.initializer}
     weights |= {out for node in proto.graph.node if node.op_type == "Constant" for out in node.output}
@@ -264,7 +304,6 @@ def quantize_onnx(model_bytes: bytes, calibration: torch.Tensor) -> bytes:
 def to_onnx(graph: nn.Module, img_size: tuple[int, int], precision: str = "fp32",
             calibration: torch.Tensor | None = None, dynamic_batch: bool = True) -> bytes:
     """Serialised ONNX model of an inference graph, fp32 or int8 (:func:`quantize_onnx`)."""
-    from .export import onnx_bytes
 
     check_precision("onnxruntime", precision)
     example = torch.zeros(2 if dynamic_batch else 1, 3, *img_size)
@@ -343,7 +382,6 @@ class OnnxRunner(Runner):
     """An ONNX Runtime CPU session (worker threads do not spin, so interleaved timings stay fair)."""
 
     def __init__(self, model_bytes: bytes, threads: int | None = None, precision: str = "fp32") -> None:
-        from .export import onnx_session
 
         self.model_bytes, self.threads, self.runtime, self.precision = model_bytes, threads, "onnxruntime", precision
         self.session = onnx_session(model_bytes, threads=threads, spin=False)
@@ -353,8 +391,7 @@ class OnnxRunner(Runner):
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def profile(self, x: torch.Tensor, repeats: int = 10) -> list[OpProfile]:
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", feature="ONNX Runtime")
         options = ort.SessionOptions()
         options.enable_profiling = True
         if self.threads:
@@ -437,7 +474,7 @@ def build_runner(model: nn.Module, runtime: str, precision: str = "fp32", img_si
 
     Raises:
         ValueError: unsupported runtime / precision, or int8 without calibration images.
-        DeployDependencyError: OpenVINO or NNCF missing.
+        fcaformer.errors.MissingExtraError: OpenVINO or NNCF missing.
     """
     check_precision(runtime, precision)
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -466,7 +503,6 @@ class Agreement:
 def compare_outputs(runner: Callable[[torch.Tensor], Any], reference: nn.Module, images: torch.Tensor,
                     batch_size: int = 16) -> Agreement:
     """Run ``runner`` and ``reference`` (fp32 PyTorch) on ``images`` and compare."""
-    from .export import relative_error
 
     worst, agree = 0.0, 0
     for start in range(0, len(images), batch_size):

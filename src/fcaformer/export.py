@@ -11,12 +11,11 @@ token grid decides the position-bias gather, the resizing of the grid-sized para
 grid) and, in windowed mode, the padding, so the graph is specialised to the export size. Export once per
 deployment resolution.
 
-All files are written atomically (:mod:`fcaformer.io`).
+All files are written atomically (:mod:`fcaformer.files`).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,19 +23,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
+from .deploy import (
+    DEFAULT_OPSET,
+    OnnxRunner,
+    OpenVinoRunner,
+    compare_outputs,
+    inference_graph,
+    onnx_bytes,
+    quantize_onnx,
+    relative_error,
+    run_onnx,
+    save_openvino,
+    to_openvino,
+)
 from .fast import fast_attention_modules, fuse_model, is_fused
-from .io import atomic_write
+from .files import atomic_write
 
 ExportFormat = Literal["onnx", "openvino", "torchscript", "exported-program"]
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "openvino", "torchscript", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".ts", "exported-program": ".pt2"}
 FORMAT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "torchscript": "torch", "exported-program": "torch"}
 """The runtime each format is checked with (and whose precisions it offers)."""
-DEFAULT_OPSET = 18
 
 
 @dataclass
@@ -56,20 +66,11 @@ class ExportResult:
     """How many real images the check ran on (besides random inputs for fp32)."""
 
 
-def relative_error(out: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
-    """``||out - ref|| / ||ref||`` in float64 (tiny outputs must not underflow to a zero error)."""
-    out64 = torch.as_tensor(np.asarray(out, dtype=np.float64) if isinstance(out, np.ndarray) else out).double()
-    ref64 = torch.as_tensor(np.asarray(ref, dtype=np.float64) if isinstance(ref, np.ndarray) else ref).double()
-    return ((out64 - ref64).norm() / ref64.norm()).item()
-
-
 def _prepare(model: nn.Module, fuse: bool, format: str, size: tuple[int, int]) -> nn.Module:
     model = model.eval()
     if not fuse:
         return model
     if format in ("onnx", "openvino"):
-        from .deploy import inference_graph
-
         return inference_graph(model, FORMAT_RUNTIMES[format], size)
     if fast_attention_modules(model) and not is_fused(model):
         return fuse_model(model)
@@ -83,50 +84,6 @@ def _example(model: nn.Module, img_size: tuple[int, int], batch_size: int) -> to
 
 def _flatten_outputs(out: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
-def onnx_bytes(
-    model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET
-) -> bytes:
-    """Serialised ONNX model of ``model`` traced on ``example`` (dynamo-based exporter)."""
-    import onnx
-
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's problem
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False
-        )
-    buffer = io.BytesIO()
-    onnx.save(program.model_proto, buffer)
-    return buffer.getvalue()
-
-
-def onnx_session(model_bytes_or_path: bytes | str | os.PathLike, threads: int | None = None, spin: bool = True):
-    """An onnxruntime CPU ``InferenceSession``.
-
-    Args:
-        model_bytes_or_path: the ONNX model.
-        threads: intra-op threads (default: onnxruntime's choice).
-        spin: let idle worker threads busy-wait for the next run (onnxruntime's default). Turn it off when
-            the session shares the cores with other work, e.g. timed interleaved with PyTorch models: the
-            spinning threads would otherwise slow down whatever runs right after.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    source = model_bytes_or_path if isinstance(model_bytes_or_path, bytes) else str(model_bytes_or_path)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(session, x: torch.Tensor) -> list[np.ndarray]:
-    """Run an onnxruntime session on one image batch."""
-    return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
 
 
 def max_relative_error(outputs: Callable[[torch.Tensor], Sequence[Any]], reference: nn.Module,
@@ -197,10 +154,8 @@ def export_model(
 
     Raises:
         ValueError: on an unknown format or precision, a bad size or suffix, or int8 without calibration.
-        fcaformer.deploy.DeployDependencyError: OpenVINO or NNCF missing.
+        fcaformer.errors.MissingExtraError: ONNX, OpenVINO or NNCF missing.
     """
-    from .deploy import OnnxRunner, OpenVinoRunner, compare_outputs, quantize_onnx, save_openvino, to_openvino
-
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {EXPORT_FORMATS}")
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)

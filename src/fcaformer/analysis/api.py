@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import atomic_json_dump, atomic_write
+from ..files import atomic_json_dump, atomic_write
 from .ablation import measure_cross_ablation
 from .layout import find_fca_blocks
 from .lsf import measure_lsf_effect, parameter_stats
@@ -61,7 +61,7 @@ class AnalysisResult:
 
     def save(self, out_dir: str | os.PathLike, name: str = "analysis") -> list[Path]:
         """Write ``<name>.json``, ``<name>.md`` and the PNG figures into ``out_dir``; returns the files."""
-        from . import plots
+        from . import plots  # matplotlib (about half a second to import): only when figures are written
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..io import atomic_write  # noqa: E402
+from ..files import atomic_write  # noqa: E402
 from .recorder import MapCapture  # noqa: E402
 
 

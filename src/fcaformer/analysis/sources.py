@@ -1,4 +1,5 @@
-"""What to analyse: a model (project checkpoint, release checkpoint or timm name) and a set of images."""
+"""What to analyse: a model (any weights :func:`fcaformer.weights.read_weights` reads, or an FcaFormer name) and a set
+of images."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from ..checkpoint import CheckpointError, load_official
-from ..io import PROJECT_FORMAT, load_model, path_label, read_model_file, relative_path
-from ..models.names import describe_model
+from ..files import path_label, relative_path
+from ..weights import read_weights
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -61,66 +61,50 @@ def native_img_size(model: nn.Module) -> tuple[int, int]:
     return (224, 224)
 
 
+ANALYSIS_KINDS = {"project checkpoint": "project", "training state": "project", "timm hub folder": "project",
+                  "release checkpoint": "release", "release dense backbone": "release", "timm model": "timm"}
+"""How analysis reports name the kind of weights (:attr:`fcaformer.weights.WeightsRecord.kind`)."""
+
+
 def load_analysis_model(source: str | os.PathLike, **overrides: Any) -> LoadedModel:
     """Load what to analyse, in eval mode.
 
     Args:
-        source: a project checkpoint (``fcaformer.io.save_model``), a release checkpoint (any layout
-            ``fcaformer.load_official`` reads), or a registered model name (``fcaformer_l1``: random weights).
+        source: anything :func:`fcaformer.weights.read_weights` reads that names its network: a project checkpoint,
+            a release checkpoint, a training state, a timm hub folder, or a registered FcaFormer name (``fcaformer_l1``:
+            random weights).
         overrides: constructor arguments, e.g. ``window_size=(14, 7)`` for windowed attention.
 
     Raises:
-        FileNotFoundError / ValueError: naming what was given and what is accepted.
+        FileNotFoundError / ValueError / CheckpointError: naming what was given and what is accepted.
     """
-    import fcaformer  # noqa: F401  (registers the models with timm)
-
-    text = str(source)
-    path = Path(text)
-    if path.exists():
-        raw = read_model_file(path)
-        if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
-            model, checkpoint = load_model(raw, **overrides)
-            kwargs = checkpoint.get("model_kwargs", {})
-            data = checkpoint.get("data_config") or {}  # written by the trainer: size and normalisation
-            size = kwargs.get("img_size", data.get("img_size"))
-            img_size = _pair(size) if size is not None else native_img_size(model)
-            details = {"model": describe_model(checkpoint["model_name"], kwargs),
-                       "model_name": checkpoint.get("model_name"), "model_kwargs": _jsonable(kwargs)}
-            if checkpoint.get("metrics"):
-                details["checkpoint_metrics"] = _jsonable(checkpoint["metrics"])
-            names = checkpoint.get("class_names")
-            return LoadedModel(
-                model,
-                path_label(path),
-                "project",
-                img_size,
-                mean=tuple(data.get("mean", IMAGENET_DEFAULT_MEAN)),
-                std=tuple(data.get("std", IMAGENET_DEFAULT_STD)),
-                class_names=list(names) if names else None,
-                details=details,
-            )
-        try:
-            model = load_official(raw, **overrides)
-        except CheckpointError as error:
-            raise CheckpointError(
-                f"{path} is neither a project checkpoint (format={PROJECT_FORMAT!r}) nor a release checkpoint: {error}"
-            ) from error
-        return LoadedModel(model, path_label(path), "release", native_img_size(model))
-    if text in timm.list_models("fcaformer*"):
-        model = timm.create_model(text, **overrides).eval()
-        return LoadedModel(
-            model,
-            text,
-            "timm",
-            native_img_size(model),
-            trained=False,
-            details={"note": "randomly initialised (no pretrained weights are downloaded)"},
-        )
-    if path.suffix or os.sep in text:
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    raise ValueError(
-        f"{text!r} is neither an existing checkpoint file nor a model name; "
-        f"model names: {timm.list_models('fcaformer*')}"
+    record = read_weights(source)
+    fcaformer_names = timm.list_models("fcaformer*")
+    if record.kind == "timm model" and record.model_name not in fcaformer_names:
+        raise ValueError(f"{record.label!r} is neither an existing checkpoint file nor an FcaFormer model name; "
+                         f"model names: {fcaformer_names}")
+    model = record.build(**overrides)
+    kind = ANALYSIS_KINDS.get(record.kind, record.kind)
+    if record.kind == "timm model":
+        return LoadedModel(model, record.label, kind, native_img_size(model), trained=False,
+                           details={"note": "randomly initialised (no pretrained weights are downloaded)"})
+    if kind == "release":
+        return LoadedModel(model, record.label, kind, native_img_size(model))
+    kwargs = record.model_kwargs
+    data = record.data_config or {}  # written by the trainer: size and normalisation
+    size = kwargs.get("img_size", data.get("img_size"))
+    details = {"model": record.architecture, "model_name": record.model_name, "model_kwargs": _jsonable(kwargs)}
+    if record.info.get("metrics"):
+        details["checkpoint_metrics"] = _jsonable(record.info["metrics"])
+    return LoadedModel(
+        model,
+        record.label,
+        kind,
+        _pair(size) if size is not None else native_img_size(model),
+        mean=tuple(data.get("mean", IMAGENET_DEFAULT_MEAN)),
+        std=tuple(data.get("std", IMAGENET_DEFAULT_STD)),
+        class_names=record.class_names,
+        details=details,
     )
 
 
@@ -137,7 +121,7 @@ class ImageSet:
     """Image files, with labels (class-folder names) when they come from a class-per-folder dataset.
 
     ``names`` and ``root`` are what reports record: each image relative to the folder it was found in (a file
-    given directly: its name), and the inputs by :func:`~fcaformer.io.path_label`; never absolute paths.
+    given directly: its name), and the inputs by :func:`~fcaformer.files.path_label`; never absolute paths.
     """
 
     paths: list[Path]

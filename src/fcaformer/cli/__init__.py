@@ -7,6 +7,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from ..errors import as_missing_extra
+from ..fast import tune_cpu_allocator
+
 # Subcommand modules (``fcaformer.cli.<name>``); each defines ``register(subparsers)`` which adds its parser
 # and sets ``func(args) -> int``.
 SUBCOMMANDS: tuple[str, ...] = ("profile", "analyze", "train", "pack", "convert", "detect", "segment", "export",
@@ -35,10 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if not args.default_allocator:
-        from ..fast import tune_cpu_allocator
-
         args.allocator_tuned = tune_cpu_allocator()
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ImportError as error:  # an optional extra that is not installed: one line naming the pip install
+        missing = as_missing_extra(error)
+        if missing is None or getattr(args, "debug", False):
+            raise
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..io import atomic_json_dump
+from ..files import atomic_json_dump
 
 DEBUG_ENV = "FCAFORMER_DEBUG"
 """Environment variable that, set to 1, makes ``detect`` / ``segment`` show the traceback of an error."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args, console)
     except (FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
-        console.print(f"[red]fcaformer analyze: error:[/] {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
 

@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..benchmark import ModelRow, latency_vs_macs_plot, markdown_table, profile_table, run_zoo
-    from ..deploy import DeployDependencyError
-    from ..io import atomic_json_dump, atomic_write
+    from ..errors import MissingExtraError
+    from ..files import atomic_json_dump, atomic_write
 
     if args.replot:
         if not args.output:
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             rows, info = run_zoo(args.models, args.peers, args.img_size, args.repeats, args.warmup,
                                  args.throughput_batch, args.throughput_repeats, args.onnx, runtime=args.runtime,
                                  precision=args.precision, calibration=_calibration(args), profile=args.profile)
-        except (DeployDependencyError, FileNotFoundError, ValueError) as error:
+        except (MissingExtraError, FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: {error}") from None
         info["cpu_allocator_tuned"] = getattr(args, "allocator_tuned", False)
     caption = _caption(info)

@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError
-    from ..hub import convert_to_hub
+    from ..errors import CheckpointError
+    from ..weights import convert_to_hub
 
     if args.img_size is not None and not args.model:
         print("error: --img-size only applies with --model (other sources record their size)", file=sys.stderr)

@@ -52,37 +52,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def load_source(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any] | None]:
     """The model named by ``--checkpoint`` or ``--model`` (+ ``--weights``), a short name for it and the
     checkpoint's preprocessing (``data_config``; ``None`` when the source has none)."""
-    import timm
+    from ..models import create_dense_backbone
+    from ..models.state_dicts import load_state_dict_strict, resize_grid_parameters
+    from ..weights import LOCAL_PREFIX, read_weights
 
-    import fcaformer
-
-    from ..checkpoint import CheckpointError, load_state_dict_strict, unwrap_state_dict
-    from ..hub import LOCAL_PREFIX
-    from ..io import PROJECT_FORMAT, load_model, read_model_file
-
-    if args.checkpoint:  # project checkpoints, safetensors files, timm hub folders or release checkpoints
-        raw = read_model_file(args.checkpoint)
-        name = Path(args.checkpoint.removeprefix(LOCAL_PREFIX)).stem
-        if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
-            model, checkpoint = load_model(raw)
-            return model, name, checkpoint.get("data_config")
-        return fcaformer.load_official(raw), name, None
-    if args.dense:
-        model = fcaformer.create_dense_backbone(args.model)
-    elif timm.is_model(args.model):
-        model = timm.create_model(args.model, pretrained=False)
-    else:
-        raise ValueError(f"unknown model {args.model!r}; use one of {list(fcaformer.MODEL_NAMES)} or a timm name")
-    if args.weights:
-        state = unwrap_state_dict(read_model_file(args.weights))
-        try:
-            load_state_dict_strict(model, fcaformer.checkpoint_filter_fn(state, model))
-        except CheckpointError as error:
-            raise CheckpointError(f"{args.weights} does not fit {args.model}: {error}") from error
-    else:
+    if args.checkpoint:  # anything the project reads: project, release, hub folder, training state
+        record = read_weights(args.checkpoint)
+        return record.build(), Path(args.checkpoint.removeprefix(LOCAL_PREFIX)).stem, record.data_config
+    if not args.weights:
         print(f"note: {args.model} has random weights (pass --weights or --checkpoint to export trained ones)",
               file=sys.stderr)
-    return model.eval(), args.model + ("_dense" if args.dense else ""), None
+    if args.dense:
+        model = create_dense_backbone(args.model)
+        if args.weights:
+            load_state_dict_strict(model, resize_grid_parameters(read_weights(args.weights).state_dict, model))
+        return model.eval(), args.model + "_dense", None
+    record = read_weights(args.weights, model_name=args.model) if args.weights else read_weights(args.model)
+    return record.build(), args.model, None
 
 
 def _real_images(args: argparse.Namespace, model: nn.Module, data_config: dict[str, Any] | None,
@@ -104,12 +90,11 @@ def _real_images(args: argparse.Namespace, model: nn.Module, data_config: dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError
-    from ..deploy import DeployDependencyError
+    from ..errors import CheckpointError, MissingExtraError
 
     try:
         return _run(args)
-    except (CheckpointError, DeployDependencyError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, MissingExtraError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

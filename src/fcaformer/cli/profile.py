@@ -27,7 +27,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import fcaformer  # noqa: F401  (registers the models with timm)
+    from .. import models  # noqa: F401  (registers the models with timm)
 
     profiles = [profile_model(name, args.img_size) for name in args.models]
     if args.json:

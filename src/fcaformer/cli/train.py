@@ -98,7 +98,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def run_train(args: argparse.Namespace) -> int:
     import yaml
 
-    from ..checkpoint import CheckpointError
+    from ..errors import CheckpointError
     from ..train import ConfigError, load_config
     from ..train.data import DataError
     from ..train.engine import TrainingDiverged, train
@@ -167,10 +167,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..checkpoint import CheckpointError
-    from ..io import atomic_json_dump, path_label
+    from ..errors import CheckpointError
+    from ..files import atomic_json_dump, path_label
     from ..train.config import DataConfig, config_from_dict
-    from ..train.data import DataError, ImageDataset, eval_loader, eval_transform, load_image_lists
+    from ..train.data import DataError, ImageDataset, eval_loader, eval_transform
+    from ..train.datasets import load_image_lists
     from ..train.distributed import resolve_device
     from ..train.evaluate import evaluate
     from ..train.inference import SelectOutputs, class_index_map, load_any_model
@@ -254,7 +255,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..checkpoint import CheckpointError
+    from ..errors import CheckpointError
     from ..train.predict import predict_images
 
     try:

@@ -21,14 +21,9 @@ import timm
 import torch
 from torch import nn
 
-from ..checkpoint import (
-    CheckpointError,
-    convert_release_state_dict,
-    is_release_layout,
-    unwrap_state_dict,
-)
-from ..io import read_model_file
+from ..errors import CheckpointError
 from ..models import ARCHS, FcaFormer, create_dense_backbone
+from ..weights import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +79,6 @@ def build_backbone(
         raise ValueError(f"unknown backbone mode {mode!r}; choose one of {BACKBONE_MODES}")
     if mode == "dense":
         return MultiScaleBackbone(create_dense_backbone(variant, window_size=tuple(window_size), **kwargs), True)
-    import fcaformer  # noqa: F401  (registers the models with timm)
-
     windows = tuple(window_size) if mode == "windowed" else None
     trunk = timm.create_model(variant, num_classes=0, window_size=windows, **kwargs)
     return MultiScaleBackbone(trunk, False)
@@ -108,13 +101,13 @@ class LoadReport:
 
 
 def backbone_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Trunk weights in this project's key layout from a release classification, mmdet or mmseg checkpoint
-    (``backbone.`` prefix), a project checkpoint (``format``/``state_dict``), a bare state_dict, a safetensors
-    file or a timm hub folder (``local-dir:PATH``)."""
-    raw = read_model_file(source) if isinstance(source, (str, os.PathLike)) else source
-    state_dict = unwrap_state_dict(raw)
-    if is_release_layout(state_dict):
-        return convert_release_state_dict(state_dict)
+    """Trunk weights in this project's key layout from anything :func:`fcaformer.weights.read_weights` reads: a
+    release classification, mmdet or mmseg checkpoint (``backbone.`` prefix), a project checkpoint or training
+    state, a bare state_dict or safetensors file, a timm hub folder, or a whole detector / segmentor checkpoint of
+    this project (its trunk's keys)."""
+    state_dict = read_weights(source).state_dict
+    if state_dict is None:
+        raise CheckpointError(f"{source} is a model name, not weights: pass a checkpoint for the backbone")
     # Project-layout checkpoints of a whole detector / segmentor: keep what sits under the trunk.
     for prefix in ("backbone.body.trunk.", "backbone.trunk.", "body.trunk.", "trunk.",
                    "encoder.model.model.", "encoder.model."):

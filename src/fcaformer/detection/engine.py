@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
-from ..io import atomic_json_dump, atomic_write, path_label
+from ..files import atomic_json_dump, atomic_write, path_label
 from .data import CocoDetection, collate
 from .inputs import PredictInputs, SkippingCollate, SkipUnloadable, palette
 from .model import build_detector

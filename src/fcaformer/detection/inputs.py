@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from ..io import path_label
+from ..files import path_label
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, read_checkpoint
-from ..io import atomic_json_dump, atomic_torch_save
+from ..errors import CheckpointError
+from ..files import atomic_json_dump, atomic_torch_save, pyplot, save_figure
+from ..weights.reading import read_torch_file
 from .inputs import LoadFailures, SkippingCollate, SkipUnloadable, loss_skipping
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def save_task_checkpoint(path: str | os.PathLike, model: nn.Module, task: str, b
 
 def read_task_checkpoint(path: str | os.PathLike | Mapping[str, Any], task: str) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_task_checkpoint` for ``task``; clear errors otherwise."""
-    raw = read_checkpoint(path) if isinstance(path, (str, os.PathLike)) else dict(path)
+    raw = read_torch_file(path) if isinstance(path, (str, os.PathLike)) else dict(path)
     if not isinstance(raw, dict) or raw.get("format") != DENSE_FORMAT:
         raise CheckpointError(
             f"{path} is not an fcaformer {task} checkpoint (format {DENSE_FORMAT!r}); for backbone weights "
@@ -263,8 +264,7 @@ def plot_run(history: RunHistory, path: str | os.PathLike, metric_names: Sequenc
              title: str = "") -> Path:
     """Three panels against the iteration: the loss (each iteration and a running mean), the lr, and the
     validation metrics ``metric_names`` of ``history.evals``; resumes are marked. Written atomically (PNG)."""
-    from ..train.metrics import plt, save_figure
-
+    plt = pyplot()
     steps = np.arange(1, len(history.losses) + 1)
     losses = np.asarray(history.losses, dtype=float)
     fig, (ax_loss, ax_lr, ax_metric) = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")

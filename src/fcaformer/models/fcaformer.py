@@ -17,6 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ..layers import conv_out_size
 from .hybrid import ARCHS, SMALL_ARCHS, FcaFormer
 from .plain import FcaFormerPlain
+from .state_dicts import checkpoint_filter_fn
 
 _PAPER = {
     "paper_ids": "arXiv:2211.07198",
@@ -71,8 +72,6 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_hybrid(variant: str, pretrained: bool = False, **kwargs: Any) -> FcaFormer:
-    from ..checkpoint import checkpoint_filter_fn
-
     arch = {**ARCHS.get(variant, {}), **SMALL_ARCHS.get(variant, {}), **kwargs}
     return build_model_with_cfg(
         FcaFormer,

@@ -13,6 +13,7 @@ from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
+from ..fast import fuse_model
 from ..layers import Downsample, FcaStage, LsfPlacement, Stem, conv_out_size
 from ..layers.fca import fold_scale_into_linear_
 from ._common import ClassifierHead, check_image_batch, init_weights_
@@ -264,8 +265,6 @@ class FcaFormer(nn.Module):
 
     def fuse(self) -> "FcaFormer":
         """Convert this model in place to the fast inference path (see :func:`fcaformer.fast.fuse_model`)."""
-        from ..fast import fuse_model
-
         return fuse_model(self, inplace=True)
 
 

@@ -10,6 +10,7 @@ from timm.layers import PatchEmbed, register_notrace_function, resample_abs_pos_
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from ..fast import fuse_model
 from ..layers import FcaStage, LsfPlacement
 from ._common import ClassifierHead, check_image_batch, init_weights_
 
@@ -193,6 +194,4 @@ class FcaFormerPlain(nn.Module):
 
     def fuse(self) -> "FcaFormerPlain":
         """Convert this model in place to the fast inference path (see :func:`fcaformer.fast.fuse_model`)."""
-        from ..fast import fuse_model
-
         return fuse_model(self, inplace=True)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..detection.inputs import PredictInputs, SampleError, palette
 from ..detection.training import DenseTrainConfig, load_task_model, train_dense_task
-from ..io import atomic_json_dump, atomic_write, path_label
+from ..files import atomic_json_dump, atomic_write, path_label, pyplot, save_figure
 from .data import IGNORE_INDEX, SegmentationFolder, normalize
 from .model import SIZE_DIVISOR, segment_logits, segmentor_trunk, upernet
 
@@ -240,8 +240,7 @@ def plot_legend(class_names: Sequence[str], classes: Sequence[int], path: str | 
     """A PNG legend: the palette colour and name of each of ``classes``."""
     from matplotlib.patches import Patch
 
-    from ..train.metrics import plt, save_figure
-
+    plt = pyplot()
     colours = palette(len(class_names)) / 255
     handles = [Patch(facecolor=colours[c], edgecolor="black", label=f"{c}: {class_names[c]}") for c in classes]
     fig = plt.figure(figsize=(3.2, 0.3 * len(handles) + 0.4))

@@ -46,8 +46,6 @@ def upernet(
             With tiny batches BatchNorm's batch statistics (the PSP branch pools to 1x1) differ badly from its
             running statistics, so eval-mode predictions collapse; use ``"identity"`` there.
     """
-    import fcaformer  # noqa: F401  (registers the encoders with timm)
-
     if variant not in ARCHS:
         raise ValueError(f"unknown backbone {variant!r}; choose one of {sorted(ARCHS)}")
     if backbone_mode not in SEGMENTOR_MODES:

@@ -32,8 +32,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     drop_path_rate: float = 0.0
     # Fine-tuning: weights to start from (a release, project or training-state checkpoint, a safetensors or
-    # state-dict file, a timm hub folder / local-dir:PATH, or hf-hub:NAME; see fcaformer.pretrained). Not used when
-    # resuming: the training state has the weights.
+    # state-dict file, a timm hub folder / local-dir:PATH, or hf-hub:NAME; see fcaformer.weights.read_weights).
+    # Not used when resuming: the training state has the weights.
     pretrained: str | None = None
     # Factor on the fresh classifier's initial weights when the pretrained one cannot be used (other classes).
     head_init_scale: float = 1.0

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from ..files import atomic_write
 from .data import DataError, ImageList, ResumableSampler, balanced_subset, sample_seed, scan_image_folder
 
 PACK_FORMAT = "fcaformer-pack-v1"
@@ -255,8 +256,6 @@ def pack_image_folder(root: str | os.PathLike, out: str | os.PathLike, size: int
     ``quality``; ``per_class`` keeps a fixed class-balanced subset of each split. Unreadable files are skipped
     with a warning. Class names come from ``root/classes.json`` when present. Returns the written path.
     """
-    from ..io import atomic_write
-
     root = Path(root)
     arrays: dict[str, np.ndarray] = {}
     class_ids: list[str] | None = None

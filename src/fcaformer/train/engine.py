@@ -28,10 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..fast import fast_attention_modules, set_fast_attention
-from ..io import atomic_json_dump, atomic_write, relative_path, save_model
+from ..files import atomic_json_dump, atomic_write, relative_path
 from ..models.names import describe_model
-from ..pretrained import load_pretrained, preprocessing_config
 from ..profile import count_macs, count_params
+from ..weights.pretrained import load_pretrained
+from ..weights.project import save_model
+from ..weights.record import preprocessing_config
 from .config import ConfigError, TrainConfig, config_from_dict
 from .data import (
     ImageDataset,
@@ -39,10 +41,10 @@ from .data import (
     ResumableSampler,
     build_transforms,
     eval_loader,
-    load_image_lists,
     sample_seed,
     train_loader,
 )
+from .datasets import load_image_lists
 from .device_data import DeviceAugment, DeviceEvalLoader, DeviceSplit, DeviceTrainLoader
 from .distributed import DistInfo, align_parameter_strides, all_true, barrier, init_distributed, mean_over_ranks
 from .evaluate import EvalResult, autocast, evaluate
@@ -83,8 +85,6 @@ def model_kwargs(config: TrainConfig, num_classes: int) -> dict[str, Any]:
 
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """``timm.create_model`` of the configured network; returns it and its recorded kwargs."""
-    import fcaformer  # noqa: F401  (registers the FcaFormer models with timm)
-
     kwargs = model_kwargs(config, num_classes)
     extra = {"drop_path_rate": config.model.drop_path_rate} if config.model.drop_path_rate else {}
     try:
@@ -98,7 +98,7 @@ def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[
 class Trainer:
     """One training run. ``Trainer(config).fit()`` trains, evaluates and writes the run folder (rank 0 only):
 
-    ``config.yaml``, ``checkpoints/state-*.pt`` (resumable), ``model.pt`` (:func:`fcaformer.io.load_model`),
+    ``config.yaml``, ``checkpoints/state-*.pt`` (resumable), ``model.pt`` (:func:`fcaformer.weights.load_model`),
     ``metrics.jsonl``, ``curves.png``, ``results.json``, ``confusion.png``.
     """
 

@@ -1,4 +1,5 @@
-"""Evaluation: top-1/top-5, loss, per-class accuracy and confusion matrix with torchmetrics (reduced over ranks)."""
+"""Evaluation: top-1/top-5, loss, per-class accuracy and confusion matrix, counted on each rank and summed over
+ranks (exact: each rank passes its own shard, without padding)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from tqdm import tqdm
 
 from .distributed import mean_over_ranks
@@ -49,12 +49,11 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     """Evaluate ``model`` (put in eval mode) on ``loader``; with torch.distributed initialised each rank passes
     its shard and the metrics are reduced over all ranks."""
     model.eval()
-    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
-    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
-    per_class = MulticlassAccuracy(num_classes, average=None).to(device)
-    confusion = MulticlassConfusionMatrix(num_classes).to(device)
-    mean_loss = MeanMetric().to(device)
-    start, count = time.perf_counter(), 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)  # rows: true class
+    # summed over the images: cross-entropy, top-k hits
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    top_k = min(5, num_classes)
+    start = time.perf_counter()
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=2):
         images, targets = images.to(device), targets.to(device)
         if channels_last:
@@ -62,18 +61,22 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
         with autocast(device, amp):
             logits = model(images)
         logits = logits.float()
-        mean_loss.update(F.cross_entropy(logits, targets, reduction="none"))
-        for metric in (top1, top5, per_class, confusion):
-            metric.update(logits, targets)
-        count += len(targets)
+        sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+        sums[1] += (logits.topk(top_k, dim=1).indices == targets[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(targets * num_classes + logits.argmax(dim=1),
+                                    minlength=num_classes * num_classes).view(num_classes, num_classes)
     elapsed = mean_over_ranks(time.perf_counter() - start, device)
-    total = int(confusion.compute().sum().item())
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(confusion)
+        dist.all_reduce(sums)
+    total = int(confusion.sum().item())
+    per_class = confusion.diagonal().double() / confusion.sum(dim=1).clamp_min(1)
     return EvalResult(
-        top1=100 * top1.compute().item(),
-        top5=100 * top5.compute().item(),
-        loss=mean_loss.compute().item(),
+        top1=100 * confusion.diagonal().sum().item() / max(total, 1),
+        top5=100 * sums[1].item() / max(total, 1),
+        loss=sums[0].item() / max(total, 1),
         images=total,
         images_per_s=total / max(elapsed, 1e-9),
-        per_class_acc=[100 * v for v in per_class.compute().tolist()],
-        confusion=confusion.compute().long().tolist(),
+        per_class_acc=[100 * v for v in per_class.tolist()],
+        confusion=confusion.tolist(),
     )

@@ -1,22 +1,21 @@
-"""Loading any classifier for ``eval`` / ``predict``: a project checkpoint, an official release checkpoint, or a
-timm model name; with the matching preprocessing and class names."""
+"""Loading any classifier for ``eval`` / ``predict`` (through :func:`fcaformer.weights.read_weights`), with the
+matching preprocessing and class names."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_official, load_state_dict_strict, release_data_config
+from ..errors import CheckpointError
 from ..fast import fast_attention_modules, fuse_model
-from ..hub import HF_PREFIX, HUB_ORIGIN, LOCAL_PREFIX, create_from_hf_hub, data_config_from_pretrained_cfg
-from ..io import PROJECT_FORMAT, load_model, read_model_file
+from ..weights import read_weights
+from ..weights.hub import data_config_from_pretrained_cfg
+from ..weights.release import release_data_config
 
 
 @dataclass
@@ -25,7 +24,7 @@ class LoadedModel:
 
     model: nn.Module
     source: str
-    kind: str  # "project", "official", "timm hub folder" or "timm"
+    kind: str  # "project", "official" (release), "timm hub folder" or "timm" (see EVAL_KINDS)
     class_names: list[str]
     class_ids: list[str] | None  # ImageNet synsets (wnids) for 1000-class models, to match ImageFolder wnids
     data_config: dict[str, Any]
@@ -36,13 +35,19 @@ class LoadedModel:
 
     def data_config_at(self, img_size: int | None = None) -> dict[str, Any]:
         """The preprocessing at ``img_size`` (default: the recorded size). Release weights follow the release's
-        rule (:func:`fcaformer.checkpoint.release_data_config`: resize + centre crop 0.875 below 384 px, a plain
-        warp from 384 px on); other models keep their recorded crop and normalisation."""
+        rule (:func:`fcaformer.weights.release.release_data_config`: resize + centre crop 0.875 below 384 px, a
+        plain warp from 384 px on); other models keep their recorded crop and normalisation."""
         if img_size is None:
             return dict(self.data_config)
         if self.release_preprocessing:
             return release_data_config(img_size)
         return {**self.data_config, "img_size": img_size}
+
+
+EVAL_KINDS = {"project checkpoint": "project", "training state": "project", "release checkpoint": "official",
+              "timm hub folder": "timm hub folder"}
+"""How eval and predict name the kind of weights (:attr:`fcaformer.weights.WeightsRecord.kind`); ``"timm"`` for the
+others (hub names, model names, bare state dicts)."""
 
 
 def _imagenet_names(num_classes: int) -> tuple[list[str], list[str] | None]:
@@ -59,10 +64,9 @@ def _timm_data_config(model: nn.Module) -> dict[str, Any]:
 
 def load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None = None,
                    use_ema: bool = False, fast: bool = True) -> LoadedModel:
-    """Load ``source``: a project checkpoint (:func:`fcaformer.io.save_model`), an official release checkpoint
-    (:func:`fcaformer.load_official`), a timm hub folder (a directory with ``config.json``, or ``local-dir:PATH``),
-    a timm model name (``weights``: an optional state_dict or safetensors file for it) or ``hf-hub:NAME``
-    (downloaded by timm).
+    """Load a classifier from anything :func:`fcaformer.weights.read_weights` reads: a project checkpoint, a
+    release checkpoint, a training state, a timm hub folder, ``hf-hub:NAME`` or a registered model name (random
+    weights; ``weights``: a state dict or safetensors file for it).
 
     With ``fast`` (default), FcaFormer models are fused in place (:func:`fcaformer.fast.fuse_model`: same outputs
     within 1e-5, faster); ``fast=False`` keeps the faithful computation that mirrors the release.
@@ -70,61 +74,25 @@ def load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None 
     Raises:
         CheckpointError / FileNotFoundError: with a message naming the file and what was expected.
     """
-    loaded = _load_any_model(source, weights, use_ema)
+    if weights is not None:
+        record = read_weights(weights, model_name=str(source))
+    else:
+        record = read_weights(source, use_ema=use_ema)
+    if record.kind == "release dense backbone":
+        raise CheckpointError(f"{record.label} is a dense-prediction backbone (no classifier); eval/predict need a "
+                              "classification checkpoint")
+    model = record.build()
+    if record.class_names:
+        names, ids = list(record.class_names), None
+    else:
+        names, ids = _imagenet_names(model.num_classes)
+    data_config = record.data_config or _timm_data_config(model)
+    loaded = LoadedModel(model, str(source), EVAL_KINDS.get(record.kind, "timm"), names, ids, data_config,
+                         record.info.get("train_config"), release_preprocessing=record.release_preprocessing)
     if fast and fast_attention_modules(loaded.model):
         fuse_model(loaded.model, inplace=True)
         loaded.fused = True
     return loaded
-
-
-def _load_any_model(source: str | os.PathLike, weights: str | os.PathLike | None, use_ema: bool) -> LoadedModel:
-    import fcaformer  # noqa: F401  (registers the models)
-
-    path = Path(source)
-    text = str(source)
-    if text.startswith(HF_PREFIX):  # timm downloads it
-        model = create_from_hf_hub(text).eval()
-        names, ids = _imagenet_names(model.num_classes)
-        return LoadedModel(model, text, "timm", names, ids, _timm_data_config(model))
-    local = text.startswith(LOCAL_PREFIX)
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors") or path.exists() or local:
-        raw = read_model_file(source)
-        if local:
-            path = Path(text.removeprefix(LOCAL_PREFIX))
-        if isinstance(raw, dict) and raw.get("format") == PROJECT_FORMAT:
-            model, ckpt = load_model(raw)
-            names, ids = (list(ckpt["class_names"]), None) if ckpt.get("class_names") else \
-                _imagenet_names(model.num_classes)
-            data = ckpt.get("data_config") or _timm_data_config(model)
-            hub = ckpt.get("origin") == HUB_ORIGIN
-            release = (ckpt.get("record") or {}).get("source_kind") == "release checkpoint"
-            return LoadedModel(model, str(path), "timm hub folder" if hub else "project", names, ids, data,
-                               ckpt.get("train_config"), release_preprocessing=release)
-        try:
-            model = load_official(raw, use_ema=use_ema)
-        except CheckpointError as error:
-            raise CheckpointError(
-                f"{path} is neither an fcaformer project checkpoint nor an official FcaFormer release "
-                f"checkpoint: {error}"
-            ) from error
-        if not hasattr(model, "num_classes") or not model.num_classes:
-            raise CheckpointError(f"{path} is a dense-prediction backbone (no classifier); eval/predict need a "
-                                  "classification checkpoint")
-        names, ids = _imagenet_names(model.num_classes)
-        # the release's preprocessing at the size it was trained at (read off the checkpoint)
-        return LoadedModel(model, str(path), "official", names, ids, release_data_config(model.img_size[0]),
-                           release_preprocessing=True)
-    if not timm.is_model(str(source)):
-        raise FileNotFoundError(f"{source!r} is neither an existing checkpoint file nor a timm model name "
-                                "(see timm.list_models())")
-    model = timm.create_model(str(source), pretrained=False)
-    if weights is not None:
-        state = read_model_file(weights)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        load_state_dict_strict(model, state)
-    model.eval()
-    names, ids = _imagenet_names(model.num_classes)
-    return LoadedModel(model, str(source), "timm", names, ids, _timm_data_config(model))
 
 
 def class_index_map(loaded: LoadedModel, folder_classes: list[str]) -> list[int] | None:

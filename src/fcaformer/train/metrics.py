@@ -9,13 +9,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless: runs on servers without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..files import atomic_write, pyplot, save_figure
 
-from ..io import atomic_write  # noqa: E402
+plt = pyplot()  # headless (Agg): runs on servers without a display
 
 
 def write_jsonl(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> Path:
@@ -54,13 +52,6 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float] | Non
 
     test = ttest_ind(a, b, equal_var=False)
     return {"t": float(test.statistic), "p": float(test.pvalue), "diff": statistics.mean(a) - statistics.mean(b)}
-
-
-def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG atomically (tight bounding box) and close it."""
-    out = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
-    return out
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, read_checkpoint
-from ..io import atomic_torch_save
+from ..errors import CheckpointError
+from ..files import atomic_torch_save
+from ..weights.training_state import STATE_FORMAT, read_training_state
 
-STATE_FORMAT = "fcaformer-train-state-v1"
 _NAME = re.compile(r"^state-(\d{10})\.pt$")
 
 
@@ -79,14 +79,9 @@ def load_latest_state(target: Path) -> tuple[dict[str, Any], Path]:
     errors = []
     for path in candidates:
         try:
-            state = read_checkpoint(path)
+            return read_training_state(path), path
         except CheckpointError as error:
             errors.append(f"{path}: {error}")
             warnings.warn(f"checkpoint {path} is unreadable ({error}); falling back to the previous one",
                           stacklevel=2)
-            continue
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            errors.append(f"{path}: not a training state (format {STATE_FORMAT!r} missing)")
-            continue
-        return state, path
     raise CheckpointError("no readable training state to resume from:\n  " + "\n  ".join(errors))
