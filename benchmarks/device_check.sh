@@ -8,7 +8,8 @@
 #
 # Options: --device DEV (default cuda), --quick (one test, tiny benchmark), --budget-s S (default 420: half for
 # the tests, the rest for the benchmark, whose torch.compile part is skipped when time is short), --tests-only,
-# --bench-only, --wheels DIR (pip-install DIR/*.whl first, offline, for machines without a package index).
+# --bench-only, --wheels DIR (pip-install DIR/*.whl first, offline, for machines without a package index),
+# --shared DIR (the tests' shared data, FCAFORMER_SHARED; benchmarks/prepare_device.sh builds both folders).
 # The project needs no installation: src/ is put on the path (also for the tests' child processes).
 set -uo pipefail
 
@@ -16,7 +17,7 @@ usage() { sed -n '2,13p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 out=$1
 shift
-device=cuda quick="" budget=420 tests=1 bench=1 wheels=""
+device=cuda quick="" budget=420 tests=1 bench=1 wheels="" shared=""
 while [ $# -gt 0 ]; do
     case $1 in
         --device) device=$2; shift 2 ;;
@@ -25,10 +26,19 @@ while [ $# -gt 0 ]; do
         --tests-only) bench=""; shift ;;
         --bench-only) tests=""; shift ;;
         --wheels) wheels=$2; shift 2 ;;
+        --shared) shared=$2; shift 2 ;;
         *) echo "error: unknown option $1" >&2; usage ;;
     esac
 done
 out=$(mkdir -p "$out" && cd "$out" && pwd)
+if [ -n "$shared" ]; then  # resolved before the cd below, like OUT_DIR
+    if [ ! -d "$shared/data" ]; then
+        echo "error: --shared $shared has no data/ folder (build it with benchmarks/prepare_device.sh)" >&2
+        exit 2
+    fi
+    FCAFORMER_SHARED=$(cd "$shared" && pwd)
+    export FCAFORMER_SHARED
+fi
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -1,10 +1,11 @@
-"""CPU dry runs of the GPU scripts (benchmarks/device_check.sh, gpu.py, cross_attention_gpu.py), so they cannot
-rot between the sessions that have a GPU."""
+"""CPU dry runs of the GPU scripts (benchmarks/device_check.sh, prepare_device.sh, gpu.py, cross_attention_gpu.py),
+so they cannot rot between the sessions that have a GPU."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fcaformer.files import file_sha256
 from fcaformer.train.device_data import pack_image_folder
 from fcaformer.weights import load_model
 from tests.conftest import shared_path
@@ -39,10 +41,52 @@ def test_device_check_dry_run_writes_tests_log_and_benchmark(tmp_path: Path) -> 
     assert result["machine"]["card"] in (out / "gpu.md").read_text()
 
 
-def test_device_check_rejects_unknown_options(tmp_path: Path) -> None:
-    done = subprocess.run(["bash", "benchmarks/device_check.sh", str(tmp_path), "--gpu"], capture_output=True,
-                          text=True, cwd=REPO, timeout=60)
-    assert done.returncode == 2 and "unknown option --gpu" in done.stderr
+@pytest.mark.parametrize(("option", "message"), [(["--gpu"], "unknown option --gpu"),
+                                                (["--shared", "no-such-dir"], "no-such-dir has no data/ folder")])
+def test_device_check_rejects_bad_options(tmp_path: Path, option: list[str], message: str) -> None:
+    done = subprocess.run(["bash", "benchmarks/device_check.sh", str(tmp_path / "out"), *option],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_prepare_device_dry_run_builds_the_shared_subset_manifest_and_size_check(tmp_path: Path) -> None:
+    shared = shared_path("data").parent
+    env = {**os.environ, "FCAFORMER_SHARED": str(shared)}
+
+    def prepare(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "benchmarks/prepare_device.sh", *args], capture_output=True, text=True,
+                              cwd=REPO, timeout=60, env=env)
+
+    out = tmp_path / "prep"
+    done = prepare(str(out), "--dry-run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list((out / "wheels").iterdir()) == []  # nothing fetched
+    # what tests/test_device.py reads: the first 8 images of the first two val classes, the first two VOC images
+    val = shared / "data" / "imagenette-160" / "val"
+    expected = [path for folder in sorted(val.iterdir())[:2] for path in sorted(folder.iterdir())[:8]]
+    expected += sorted((shared / "data" / "voc-mini" / "JPEGImages").iterdir())[:2]
+    copied = sorted(path for path in (out / "shared").rglob("*") if path.is_file())
+    assert copied == sorted(out / "shared" / path.relative_to(shared) for path in expected)
+    assert all((out / "shared" / p.relative_to(shared)).read_bytes() == p.read_bytes() for p in expected)
+    manifest = dict(line.split("  ", 1)[::-1] for line in (out / "MANIFEST.sha256").read_text().splitlines())
+    assert manifest == {str(p.relative_to(out)): file_sha256(p) for p in copied}
+    # the reported total: every file that travels (tracked or untracked, not ignored) plus the prepared folder
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    tree = sum((REPO / name).stat().st_size for name in listed if name and (REPO / name).is_file())
+    carried = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    total_mib = float(re.search(r"total ([0-9.]+) MiB of 60 MiB", done.stdout).group(1))
+    assert abs(total_mib - (tree + carried) / 2**20) < 0.1  # du also counts the folders' own entries
+    assert "--wheels" in done.stdout and "--shared" in done.stdout and "--budget-s 500" in done.stdout
+
+    over = prepare(str(out), "--dry-run", "--limit-mib", "1")
+    assert over.returncode == 1 and over.stderr.count("\n") == 1 and "over 1 MiB" in over.stderr
+    assert prepare(str(out), "--limit-mib", "x").returncode == 2
+    # a folder inside the repository must be git-ignored (else git would pick the wheels and data up)
+    inside = prepare("benchmarks/not-ignored", "--dry-run")
+    assert inside.returncode == 2 and "not git-ignored" in inside.stderr
+    assert not (REPO / "benchmarks" / "not-ignored").exists()
+    assert subprocess.run(["git", "check-ignore", "-q", ".device/"], cwd=REPO).returncode == 0
 
 
 def test_fit_epochs_and_calibration() -> None:
