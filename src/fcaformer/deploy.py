@@ -25,7 +25,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,7 @@ from torch import nn
 
 from .errors import require
 from .fast import fast_attention_modules, fuse_model
+from .images import expand_image_inputs
 from .lean import lean_model, supports_lean
 from .train.data import build_eval_transform
 
@@ -54,7 +55,6 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
 deprecated upstream, and ONNX Runtime's CPU provider has no bf16 kernels for these models. int8 needs NNCF
 (the ``[deploy]`` extra) for either runtime."""
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LAYOUT_OPS = ("Transpose", "Reorder", "Concat", "Gather", "Split", "VariadicSplit", "Slice", "StridedSlice",
               "aten::cat", "aten::copy_", "aten::clone", "aten::index", "aten::contiguous")
 """Op types (OpenVINO / ONNX Runtime node types, PyTorch ops) that move or reorder data rather than compute."""
@@ -114,6 +114,15 @@ def onnx_bytes(
     return buffer.getvalue()
 
 
+def onnx_with_metadata(model_bytes: bytes, entries: Mapping[str, str]) -> bytes:
+    """The ONNX model with ``entries`` set in its ``metadata_props`` (ONNX Runtime:
+    ``session.get_modelmeta().custom_metadata_map``)."""
+    onnx = require("onnx", feature="ONNX export")
+    proto = onnx.load_from_string(model_bytes)
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **entries})
+    return proto.SerializeToString()
+
+
 def onnx_session(model_bytes_or_path: bytes | str | os.PathLike, threads: int | None = None, spin: bool = True):
     """An onnxruntime CPU ``InferenceSession``.
 
@@ -142,8 +151,9 @@ def run_onnx(session, x: torch.Tensor) -> list[np.ndarray]:
 
 # --------------------------------------------------------------------------------------------- calibration
 def list_images(root: str | os.PathLike, limit: int | None = None, seed: int = 0) -> list[Path]:
-    """Image files under ``root`` (recursively; a single image file is also accepted), sorted, then ``limit`` of
-    them drawn at random with ``seed`` (evenly over classes in expectation).
+    """Image files under ``root`` (a folder searched recursively, or one image file) in a class-balanced random
+    order: each folder's images (a class, in an ImageFolder split) shuffled with ``seed``, then taken round-robin
+    over the folders in a shuffled order, so that every prefix (the first ``limit``) covers the classes evenly.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -152,13 +162,40 @@ def list_images(root: str | os.PathLike, limit: int | None = None, seed: int = 0
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder not found: {root}")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    if limit is not None and len(files) > limit:
-        chosen = np.random.default_rng(seed).choice(len(files), size=limit, replace=False)
-        files = [files[i] for i in sorted(chosen)]
-    return files
+    files = expand_image_inputs([root], recursive=True)
+    rng = np.random.default_rng(seed)
+    groups: dict[Path, list[Path]] = {}
+    for path in files:
+        groups.setdefault(path.parent, []).append(path)
+    shuffled = [[group[i] for i in rng.permutation(len(group))] for group in groups.values()]
+    shuffled = [shuffled[i] for i in rng.permutation(len(shuffled))]
+    order = [group[i] for i in range(max(map(len, shuffled))) for group in shuffled if i < len(group)]
+    return order[:limit] if limit is not None else order
+
+
+def calibration_and_check_images(root: str | os.PathLike, calibration: int, check: int,
+                                 check_root: str | os.PathLike | None = None,
+                                 seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """Disjoint calibration and check images for an int8 export, each a class-balanced random sample
+    (:func:`list_images`).
+
+    Without ``check_root`` both come from ``root``: the calibration images first, the check images from the rest.
+    When ``root`` has fewer than ``calibration + check`` images they are shared in proportion, so that the check
+    never reuses a calibration image. With ``check_root`` (e.g. a validation split) the check images come from
+    there (any that are also calibration images are left out).
+    """
+    if calibration < 1 or check < 0:
+        raise ValueError(f"need at least one calibration image and no negative check count, got {calibration} and "
+                         f"{check}")
+    ordered = list_images(root, seed=seed)
+    if check_root is not None:
+        chosen = ordered[:calibration]
+        taken = {p.resolve() for p in chosen}
+        return chosen, [p for p in list_images(check_root, seed=seed) if p.resolve() not in taken][:check]
+    if len(ordered) < calibration + check:
+        wanted = calibration + check
+        calibration = max(1, min(calibration, round(len(ordered) * calibration / wanted)))
+    return ordered[:calibration], ordered[calibration : calibration + check]
 
 
 def load_images(paths: Sequence[Path], transform: Callable) -> torch.Tensor:

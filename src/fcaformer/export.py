@@ -16,9 +16,11 @@ All files are written atomically (:mod:`fcaformer.files`).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +35,7 @@ from .deploy import (
     compare_outputs,
     inference_graph,
     onnx_bytes,
+    onnx_with_metadata,
     quantize_onnx,
     relative_error,
     run_onnx,
@@ -118,6 +121,40 @@ def check_program(program: nn.Module | torch.export.ExportedProgram, reference: 
     return max_relative_error(outputs, reference, inputs)
 
 
+METADATA_KEY = "fcaformer"
+"""Where each format keeps :func:`export_metadata`: the OpenVINO IR's ``rt_info["fcaformer"]``, the ONNX model's
+``metadata_props["fcaformer"]`` (both a JSON string), ``fcaformer.json`` among the extra files of a TorchScript or
+``torch.export`` archive."""
+
+
+def export_metadata(data_config: Mapping[str, Any], img_size: tuple[int, int],
+                    class_names: Sequence[str] | None = None, record: Mapping[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """What a deployer needs besides the graph: the class order and the preprocessing at the export size, spelled
+    out (resize the shorter side to ``resize``, centre crop to ``img_size``, scale to [0, 1], normalise), plus
+    ``record`` (architecture, source)."""
+    crop_pct = float(data_config.get("crop_pct", 0.875))
+    crop_mode = data_config.get("crop_mode", "center")
+    height, width = img_size
+    resize = [math.floor(height / crop_pct), math.floor(width / crop_pct)] if height != width else \
+        math.floor(height / crop_pct)
+    steps = {"center": f"resize the shorter side to {resize} px, centre crop {height}x{width}",
+             "squash": f"resize to {resize} x {resize} px (aspect not kept), centre crop {height}x{width}"}
+    return {
+        **dict(record or {}),
+        "class_names": list(class_names) if class_names else None,
+        "input": {"layout": "NCHW", "color": "RGB", "dtype": "float32", "height": height, "width": width},
+        "preprocessing": {
+            "resize": resize, "crop_mode": crop_mode, "crop_pct": crop_pct, "crop": [height, width],
+            "interpolation": data_config.get("interpolation", "bicubic"),
+            "mean": list(data_config.get("mean", (0.485, 0.456, 0.406))),
+            "std": list(data_config.get("std", (0.229, 0.224, 0.225))),
+            "steps": steps.get(crop_mode, f"timm eval transform, crop_mode={crop_mode}")
+                     + ", to float in [0, 1], subtract mean, divide by std (per channel)",
+        },
+    }
+
+
 def export_model(
     model: nn.Module,
     path: str | os.PathLike,
@@ -131,6 +168,7 @@ def export_model(
     precision: str = "fp32",
     calibration: torch.Tensor | None = None,
     check_images: torch.Tensor | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Export ``model`` (eval mode, as its inference form unless ``fuse=False``) and optionally check the result.
 
@@ -151,6 +189,8 @@ def export_model(
         calibration: ``(N, 3, H, W)`` preprocessed real images for int8 calibration.
         check_images: ``(N, 3, H, W)`` preprocessed real images (others than the calibration images) for the
             check: relative error and top-1 agreement with PyTorch fp32.
+        metadata: stored in the file as JSON under :data:`METADATA_KEY` (class names, preprocessing: see
+            :func:`export_metadata`).
 
     Raises:
         ValueError: on an unknown format or precision, a bad size or suffix, or int8 without calibration.
@@ -178,17 +218,23 @@ def export_model(
     example = _example(model, size, max(batch_size, 2) if dynamic_batch else batch_size)
     check_inputs = [example, _example(model, size, 1), _example(model, size, 3)] if dynamic_batch else [example]
     outputs: Callable[[torch.Tensor], Sequence[Any]] | None = None
+    extra_files = {f"{METADATA_KEY}.json": json.dumps(metadata)} if metadata else {}
 
     if format == "onnx":
         data = onnx_bytes(model, example, dynamic_batch=dynamic_batch, opset=opset)
         if precision == "int8":
             data = quantize_onnx(data, calibration)
+        if metadata:
+            data = onnx_with_metadata(data, {METADATA_KEY: json.dumps(metadata)})
         atomic_write(path, lambda handle: handle.write(data))
         if check:
             session = OnnxRunner(data, precision=precision).session
             outputs = lambda x: run_onnx(session, x)  # noqa: E731
     elif format == "openvino":
-        save_openvino(to_openvino(model, size, precision, calibration, dynamic_batch), path)
+        graph = to_openvino(model, size, precision, calibration, dynamic_batch)
+        if metadata:
+            graph.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+        save_openvino(graph, path)
         if check:
             compiled = OpenVinoRunner(path, precision=precision).compiled
             outputs = lambda x: compiled(x.numpy()).to_tuple()  # noqa: E731
@@ -199,7 +245,7 @@ def export_model(
             traced = torch.jit.freeze(traced)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            atomic_write(path, lambda handle: torch.jit.save(traced, handle))
+            atomic_write(path, lambda handle: torch.jit.save(traced, handle, _extra_files=extra_files))
             loaded = torch.jit.load(str(path)) if check else None
         if loaded is not None:
             outputs = lambda x: _flatten_outputs(loaded(x))  # noqa: E731
@@ -207,7 +253,7 @@ def export_model(
         dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
         with torch.no_grad():
             program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
-        atomic_write(path, lambda handle: torch.export.save(program, handle))
+        atomic_write(path, lambda handle: torch.export.save(program, handle, extra_files=extra_files))
         if check:
             runner = torch.export.load(str(path)).module()
             outputs = lambda x: _flatten_outputs(runner(x))  # noqa: E731

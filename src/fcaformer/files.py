@@ -32,6 +32,20 @@ def relative_path(path: str | os.PathLike, root: str | os.PathLike | None) -> st
     return path_label(path)
 
 
+def portable_path(text: str) -> str:
+    """A path the user gave, as the project records it: relative paths as given, an absolute path relative to the
+    working directory when it lies below it, else its :func:`path_label`. A ``local-dir:`` prefix is kept; names
+    that are not paths (``hf-hub:ORG/NAME``, model names) are returned as they are."""
+    prefix = "local-dir:" if text.startswith("local-dir:") else ""
+    path = Path(text.removeprefix(prefix))
+    if not path.is_absolute():
+        return text
+    try:
+        return prefix + path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return prefix + path_label(path)
+
+
 def umask() -> int:
     """The process's file-creation mask (read without changing it where ``/proc`` tells it)."""
     try:

@@ -17,9 +17,8 @@ from torch import nn
 from torchvision.transforms import functional as TF
 
 from ..files import path_label, relative_path
+from ..images import IMAGE_SUFFIXES
 from ..weights import read_weights
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass

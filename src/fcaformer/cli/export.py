@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder of real images (searched recursively): int8 calibration, and the check runs on "
                              "other images from it (relative error, top-1 agreement with PyTorch fp32)")
     parser.add_argument("--calib-images", type=int, default=300, metavar="N",
-                        help="images drawn from --calib for calibration (default 300)")
+                        help="images drawn from --calib for calibration, class-balanced at random (default 300)")
+    parser.add_argument("--check", metavar="DIR",
+                        help="folder of other real images for the check (e.g. the validation split); default: "
+                             "images of --calib not used for calibration")
     parser.add_argument("--check-images", type=int, default=100, metavar="N",
-                        help="other images drawn from --calib for the check (default 100)")
+                        help="images drawn for the check, class-balanced at random (default 100)")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="PX",
                         help="input size: one value (square) or H W (default: the checkpoint's, else 224)")
-    parser.add_argument("--output", "-o", help="output file (default: <name>_<size>[_<precision>].<suffix> here)")
+    parser.add_argument("--output", "-o", help="output file (default here: <model>_<H>x<W>[_<precision>].<suffix>, "
+                                               "<model> the checkpoint's name, or its run folder and architecture)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dim instead of dynamic")
     parser.add_argument("--batch-size", type=int, default=2, help="example batch for tracing (default 2)")
@@ -49,16 +54,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_source(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any] | None]:
-    """The model named by ``--checkpoint`` or ``--model`` (+ ``--weights``), a short name for it and the
-    checkpoint's preprocessing (``data_config``; ``None`` when the source has none)."""
+@dataclass
+class ExportSource:
+    """What ``--checkpoint`` or ``--model`` (+ ``--weights``) names: the model and what is known about it."""
+
+    model: nn.Module
+    name: str
+    """Default output file name stem: the model's name, after the run folder for a generic ``model.pt``."""
+    data_config: dict[str, Any] | None = None
+    class_names: list[str] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    """Architecture and provenance, stored in the exported file's metadata."""
+
+
+_GENERIC_STEMS = ("model", "best", "last", "checkpoint", "weights", "model_ema")
+
+
+def _output_stem(checkpoint: str, model_name: str | None) -> str:
+    """``<file stem>`` or, for a generic name like ``runs/cifar10/model.pt``, ``<run folder>_<model name>``."""
+    path = Path(checkpoint.removeprefix("local-dir:"))
+    stem = path.stem if path.suffix else path.name
+    if stem.lower() in _GENERIC_STEMS:
+        stem = "_".join(part for part in (path.resolve().parent.name, model_name) if part)
+    return stem
+
+
+def load_source(args: argparse.Namespace) -> ExportSource:
+    """The model named by ``--checkpoint`` or ``--model`` (+ ``--weights``) and what its source records."""
     from ..models import create_dense_backbone
     from ..models.state_dicts import load_state_dict_strict, resize_grid_parameters
-    from ..weights import LOCAL_PREFIX, read_weights
+    from ..weights import read_weights
 
     if args.checkpoint:  # anything the project reads: project, release, hub folder, training state
         record = read_weights(args.checkpoint)
-        return record.build(), Path(args.checkpoint.removeprefix(LOCAL_PREFIX)).stem, record.data_config
+        return ExportSource(record.build(), _output_stem(args.checkpoint, record.model_name), record.data_config,
+                            record.class_names, {"model": record.architecture, "source": record.label,
+                                                 "source_kind": record.kind, "source_sha256": record.sha256})
     if not args.weights:
         print(f"note: {args.model} has random weights (pass --weights or --checkpoint to export trained ones)",
               file=sys.stderr)
@@ -66,27 +97,31 @@ def load_source(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any
         model = create_dense_backbone(args.model)
         if args.weights:
             load_state_dict_strict(model, resize_grid_parameters(read_weights(args.weights).state_dict, model))
-        return model.eval(), args.model + "_dense", None
+        return ExportSource(model.eval(), args.model + "_dense", record={"model": args.model + " (dense backbone)"})
     record = read_weights(args.weights, model_name=args.model) if args.weights else read_weights(args.model)
-    return record.build(), args.model, None
+    return ExportSource(record.build(), args.model, None, record.class_names,
+                        {"model": record.architecture, "source": record.label, "source_kind": record.kind})
 
 
-def _real_images(args: argparse.Namespace, model: nn.Module, data_config: dict[str, Any] | None,
-                 size: tuple[int, int]) -> tuple[Any, Any]:
-    """(calibration images, check images) drawn from ``--calib`` (disjoint), preprocessed as the model expects;
-    ``(None, None)`` without ``--calib``."""
-    if not args.calib:
+def _real_images(args: argparse.Namespace, source: ExportSource, size: tuple[int, int]) -> tuple[Any, Any]:
+    """(calibration images, check images): disjoint class-balanced random samples of ``--calib`` (the check from
+    ``--check`` when given), preprocessed as the model expects; ``None`` for what is not asked for."""
+    if not args.calib and not args.check:
         return None, None
-    from ..deploy import eval_transform, list_images, load_images
+    from ..deploy import calibration_and_check_images, eval_transform, list_images, load_images
 
-    if args.calib_images < 1 or args.check_images < 0:
-        raise ValueError(f"--calib-images must be >= 1 and --check-images >= 0, got {args.calib_images} and "
-                         f"{args.check_images}")
-    files = list_images(args.calib, limit=args.calib_images + args.check_images)
-    transform = eval_transform(data_config or dict(getattr(model, "pretrained_cfg", None) or {}), size)
-    calibration = load_images(files[: args.calib_images], transform) if args.precision == "int8" else None
-    check_files = files[args.calib_images :] if len(files) > args.calib_images else files[: args.check_images]
+    if args.calib:
+        calibration_files, check_files = calibration_and_check_images(
+            args.calib, args.calib_images, args.check_images, check_root=args.check)
+    else:
+        calibration_files, check_files = [], list_images(args.check, limit=args.check_images)
+    transform = eval_transform(_data_config(source), size)
+    calibration = load_images(calibration_files, transform) if args.precision == "int8" and calibration_files else None
     return calibration, load_images(check_files, transform) if check_files else None
+
+
+def _data_config(source: ExportSource) -> dict[str, Any]:
+    return source.data_config or dict(getattr(source.model, "pretrained_cfg", None) or {})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,26 +135,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..export import export_model
+    from ..export import export_metadata, export_model
 
     if args.img_size is not None and len(args.img_size) not in (1, 2):
         raise SystemExit(f"--img-size takes one value or two (H W), got {args.img_size}")
     if args.precision == "int8" and not args.calib:
         raise ValueError("--precision int8 needs --calib DIR: a folder of real images to calibrate on")
-    model, name, data_config = load_source(args)
-    pixels = args.img_size or [int((data_config or {}).get("img_size", 224))]
+    source = load_source(args)
+    pixels = args.img_size or [int((source.data_config or {}).get("img_size", 224))]
     size = (pixels[0],) * 2 if len(pixels) == 1 else tuple(pixels)
     suffix = "" if args.precision == "fp32" else f"_{args.precision}"
-    output = Path(args.output or f"{name}_{size[0]}x{size[1]}{suffix}{SUFFIXES[args.format]}")
+    output = Path(args.output or f"{source.name}_{size[0]}x{size[1]}{suffix}{SUFFIXES[args.format]}")
     if args.format == "exported-program" and output.suffix != ".pt2":
         raise SystemExit(f"exported programs must be saved as .pt2 (torch.export.load needs it), got {output}")
-    calibration, check_images = _real_images(args, model, data_config, size)
+    calibration, check_images = _real_images(args, source, size)
+    metadata = export_metadata(_data_config(source), size, source.class_names, source.record)
     form = "faithful path" if args.no_fuse else "inference form"
-    print(f"exporting {name} ({form}, {args.precision}) at {size[0]}x{size[1]} to {output} ...", file=sys.stderr)
+    print(f"exporting {source.name} ({form}, {args.precision}) at {size[0]}x{size[1]} to {output} ...",
+          file=sys.stderr)
     result = export_model(
-        model, output, args.format, img_size=size, batch_size=args.batch_size,
+        source.model, output, args.format, img_size=size, batch_size=args.batch_size,
         dynamic_batch=not args.static_batch, fuse=not args.no_fuse, check=not args.no_check, opset=args.opset,
-        precision=args.precision, calibration=calibration, check_images=check_images,
+        precision=args.precision, calibration=calibration, check_images=check_images, metadata=metadata,
     )
     batch = "dynamic" if result.dynamic_batch else f"fixed {result.input_shape[0]}"
     print(f"wrote {result.path} ({result.format} {result.precision}; batch {batch}, spatial size fixed at "

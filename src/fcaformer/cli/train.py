@@ -16,8 +16,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                     "With no arguments: a small FcaFormer on scikit-learn's handwritten digits (no download).",
     )
     p.add_argument("--config", "-c", default=None,
-                   help="preset name (default, imagenet, imagenette, repro) or YAML file (default: 'default', or "
-                        "'imagenette' when --data is given)")
+                   help="preset name (default, imagenet, imagenette, finetune, repro) or YAML file (default: "
+                        "'finetune' with --pretrained, 'imagenette' with --data, else 'default')")
     p.add_argument("--data", help="dataset root: an ImageFolder tree (root/train, root/val), a CIFAR folder or a "
                                   "packed .npz file (fcaformer pack)")
     p.add_argument("--dataset", choices=["digits", "imagefolder", "cifar10", "cifar100", "packed"],
@@ -25,7 +25,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="timm model name, e.g. fcaformer_l1")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--lr", type=float, help="lr at optim.lr_base_batch (scaled linearly with the global batch)")
+    p.add_argument("--lr", type=float, help="lr for a batch of optim.lr_base_batch images (the lr used scales "
+                                            "linearly with the global batch; --print-config shows both)")
     p.add_argument("--img-size", type=int)
     p.add_argument("--output", "-o", help="run folder")
     p.add_argument("--seed", type=int)
@@ -59,6 +60,14 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                    help="continue a run from its newest good checkpoint (default folder: --output or the config's)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.set_defaults(func=run_train)
+
+
+def default_preset(args: argparse.Namespace) -> str:
+    """The preset when no ``--config`` is given: ``finetune`` (the measured fine-tuning recipe) with
+    ``--pretrained``, ``imagenette`` for an ImageFolder given with ``--data``, else ``default`` (the digits)."""
+    if args.pretrained:
+        return "finetune"
+    return "imagenette" if args.data and not args.dataset else "default"
 
 
 def _guess_dataset(root: str) -> str:
@@ -104,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train.engine import TrainingDiverged, train
 
     try:
-        preset = args.config or ("imagenette" if args.data and not args.dataset else "default")
+        preset = args.config or default_preset(args)
         config = load_config(preset, _overrides(args))
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -238,7 +247,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_predict(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("predict", help="top-k labels of images with class names and probabilities")
+    p = subparsers.add_parser(
+        "predict", help="top-k labels of images with class names and probabilities",
+        description="IMAGE: image files, folders (their images, sub-folders included) or glob patterns. Files "
+                    "that cannot be read as images are skipped and named (in --json output with an 'error').")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", "-m", required=True,
                    help="project checkpoint, official release checkpoint, timm hub folder (local-dir:PATH) or timm "
@@ -264,14 +276,18 @@ def run_predict(args: argparse.Namespace) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    skipped = [item for item in predictions if "error" in item]
+    for item in skipped:
+        print(f"warning: skipped {item['image']}: {item['error']}", file=sys.stderr)
     if args.json:
         print(json.dumps(predictions, indent=2))
         return 0
-    table = Table(title=f"top-{args.topk} predictions of {args.model}")
+    table = Table(title=f"top-{args.topk} predictions of {args.model}"
+                        + (f" ({len(skipped)} unreadable files skipped)" if skipped else ""))
     for column in ("image", "rank", "label", "probability"):
         table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
     for item in predictions:
-        for rank, top in enumerate(item["top"], 1):
+        for rank, top in enumerate(item.get("top", []), 1):
             table.add_row(item["image"] if rank == 1 else "", str(rank), top["label"], f"{top['prob']:.4f}")
     Console().print(table)
     return 0

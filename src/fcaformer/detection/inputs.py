@@ -3,7 +3,7 @@
 Reading: :func:`probe_image` checks a file cheaply when a dataset is scanned, :func:`open_rgb` decodes it when
 a sample is loaded; both raise :class:`SampleError` naming the file. :class:`SkipUnloadable` turns such errors
 into counted skips while a run goes on, and :class:`LoadFailures` names them and stops a run only when too many
-samples fail. Prediction: :class:`PredictInputs` reads the images of files and folders (:func:`expand_inputs`)
+samples fail. Prediction: :class:`PredictInputs` reads the images of files, folders and glob patterns
 with distinct output names for inputs that share a file name (:func:`output_stems`); :func:`palette` colours
 classes.
 """
@@ -25,11 +25,9 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from ..files import path_label
+from ..images import expand_image_inputs
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-"""File types a folder is scanned for (datasets and ``predict`` inputs)."""
 
 # The last bytes of a complete file. A JPEG or PNG without its end marker near the end of the file was most
 # likely cut short (an interrupted download or copy); only such files are decoded in full at scan time.
@@ -186,32 +184,6 @@ def loss_skipping(loss_fn: Callable[[Any, Any], dict[str, torch.Tensor]],
 
 
 # ------------------------------------------------------------------------------------------------- predict
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image paths from files and folders (a folder stands for the images directly inside it, sorted).
-
-    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a folder without images. A file
-    given twice is predicted once.
-    """
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ValueError(f"folder {item} has no images ({', '.join(IMAGE_SUFFIXES)} files)")
-            paths.extend(found)
-        elif item.exists():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"image not found: {item}")
-    seen: set[Path] = set()
-    unique = []
-    for path in paths:
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
-            unique.append(path)
-    return unique
-
-
 def output_stems(paths: Sequence[Path], suffixes: Sequence[str] = (".png",)) -> list[str]:
     """Distinct output names (without suffix, ``/`` for sub-folders) for ``paths``.
 
@@ -255,7 +227,8 @@ class PredictInput:
 
 
 class PredictInputs:
-    """The images of ``predict``'s inputs (files and folders, see :func:`expand_inputs`), with distinct output
+    """The images of ``predict``'s inputs (files, folders and glob patterns, see
+    :func:`fcaformer.images.expand_image_inputs`), with distinct output
     names (see :func:`output_stems`; ``suffixes`` are those of the files written for each input).
 
     Iterating reads them one by one; an image that cannot be read is logged, recorded in ``failed`` (input and
@@ -265,7 +238,7 @@ class PredictInputs:
 
     def __init__(self, inputs: Sequence[str | os.PathLike], suffixes: Sequence[str] = (".png",),
                  logger: logging.Logger = log, show_progress: bool = True) -> None:
-        self.paths = expand_inputs(inputs)
+        self.paths = expand_image_inputs(inputs)
         self.stems = output_stems(self.paths, suffixes)
         self.logger = logger
         self.show_progress = show_progress

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..detection.data import SkipCounter, require_usable
-from ..detection.inputs import IMAGE_SUFFIXES, SampleError, open_rgb, probe_image
+from ..detection.inputs import SampleError, open_rgb, probe_image
+from ..images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ..files import portable_path
+
 
 class ConfigError(ValueError):
     """An invalid training configuration (unknown key, wrong type, impossible value)."""
@@ -160,8 +162,14 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (tuples as lists), the form saved in checkpoints and ``config.yaml``."""
-        return _plain(asdict(self))
+        """Plain nested dict (tuples as lists), the form saved in checkpoints and ``config.yaml``.
+
+        ``model.pretrained`` is recorded portably (:func:`fcaformer.files.portable_path`: no absolute path): a
+        resumed run takes its weights from the training state, never from this entry."""
+        plain = _plain(asdict(self))
+        if self.model.pretrained:
+            plain["model"]["pretrained"] = portable_path(self.model.pretrained)
+        return plain
 
     def validate(self) -> TrainConfig:
         """Reject values that cannot work, with a message naming the key and the fix."""
@@ -184,6 +192,9 @@ class TrainConfig:
             (self.model.pretrained is None or (isinstance(self.model.pretrained, str) and self.model.pretrained),
              f"model.pretrained={self.model.pretrained!r} must be a path, local-dir:PATH or hf-hub:NAME"),
             (self.model.head_init_scale > 0, f"model.head_init_scale={self.model.head_init_scale} must be > 0"),
+            (self.model.head_init_scale == 1 or self.model.pretrained,
+             f"model.head_init_scale={self.model.head_init_scale} (--head-init-scale) only applies when fine-tuning: "
+             "add --pretrained SOURCE, or drop it"),
             (self.optim.layer_decay is None or 0 < self.optim.layer_decay <= 1,
              f"optim.layer_decay={self.optim.layer_decay} must be in (0, 1] (or null: off)"),
             (self.data.classes is None or (isinstance(self.data.classes, list) and self.data.classes

@@ -21,9 +21,9 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
+from ..images import is_image_name
 from .config import TrainConfig
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DATA_SEED = 0  # fixes subsets and splits independently of the run seed, so every run sees the same data
 
 
@@ -125,9 +125,11 @@ def _is_readable(path: Path) -> bool:
         return False
 
 
-def scan_image_folder(root: str | Path, verify: bool = True, classes: Sequence[str] | None = None) -> ImageList:
+def scan_image_folder(root: str | Path, verify: bool = True, classes: Sequence[str] | None = None,
+                      progress: bool = True) -> ImageList:
     """``root/<class>/<image>`` to an :class:`ImageList`; unreadable or non-image files are skipped with a
-    warning naming each one. Raises :class:`DataError` when nothing readable is left."""
+    warning naming each one. Raises :class:`DataError` when nothing readable is left. ``progress``: a bar over the
+    classes."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root} (expected {root}/<class>/<images>)")
@@ -135,12 +137,13 @@ def scan_image_folder(root: str | Path, verify: bool = True, classes: Sequence[s
     if not classes:
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<images>)")
     samples, skipped = [], []
-    for label, name in enumerate(tqdm(classes, desc=f"scanning {root}", mininterval=2, leave=False)):
+    for label, name in enumerate(tqdm(classes, desc=f"scanning {root}", mininterval=2, leave=False,
+                                      disable=not progress)):
         folder = root / name
         if not folder.is_dir():
             raise DataError(f"class folder {folder} is missing (the train split has class {name!r})")
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            if path.suffix.lower() not in IMG_EXTENSIONS or (verify and not _is_readable(path)):
+            if not is_image_name(path) or (verify and not _is_readable(path)):
                 warnings.warn(f"skipping unreadable or non-image file: {path}", stacklevel=2)
                 skipped.append(str(path))
                 continue

@@ -76,10 +76,10 @@ def _cifar(cfg: DataConfig) -> tuple[ImageList, ImageList]:
 _CACHE: dict[tuple, tuple[ImageList, ImageList]] = {}
 
 
-def _decoded(images: ImageList) -> ImageList:
+def _decoded(images: ImageList, progress: bool = True) -> ImageList:
     """The same list with every file decoded into memory (RGB)."""
     samples = []
-    for item, label in tqdm(images.samples, desc="caching images", mininterval=2, leave=False):
+    for item, label in tqdm(images.samples, desc="caching images", mininterval=2, leave=False, disable=not progress):
         if isinstance(item, Image.Image):
             samples.append((item, label))
         else:
@@ -88,7 +88,7 @@ def _decoded(images: ImageList) -> ImageList:
     return ImageList(samples, images.class_names, images.skipped, images.class_ids)
 
 
-def load_image_lists(cfg: DataConfig) -> tuple[ImageList, ImageList]:
+def load_image_lists(cfg: DataConfig, progress: bool = True) -> tuple[ImageList, ImageList]:
     """Train and validation image lists for a data config (the train subset applied).
 
     With ``cfg.cache`` the images are decoded once into memory and kept for later calls in this process (the
@@ -97,24 +97,24 @@ def load_image_lists(cfg: DataConfig) -> tuple[ImageList, ImageList]:
            cfg.val_per_class, cfg.img_size, tuple(map(str, cfg.classes or ())))
     if cfg.cache and key in _CACHE:
         return _CACHE[key]
-    train, val = _load_image_lists(cfg)
+    train, val = _load_image_lists(cfg, progress)
     if cfg.cache:
-        train, val = _decoded(train), _decoded(val)
+        train, val = _decoded(train, progress), _decoded(val, progress)
         _CACHE[key] = (train, val)
     return train, val
 
 
-def _load_image_lists(cfg: DataConfig) -> tuple[ImageList, ImageList]:
+def _load_image_lists(cfg: DataConfig, progress: bool) -> tuple[ImageList, ImageList]:
     if cfg.dataset == "digits":
         train, val = load_digits_images(max(32, cfg.img_size))
     elif cfg.dataset in ("cifar10", "cifar100"):
         train, val = _cifar(cfg)
     elif cfg.dataset == "packed":
-        train = load_pack(cfg.root, cfg.train_dir)
+        train = load_pack(cfg.root, cfg.train_dir, progress)
         if cfg.val_split > 0:
             train, val = _split(train, cfg.val_split)
         else:
-            val = load_pack(cfg.root, cfg.val_dir)
+            val = load_pack(cfg.root, cfg.val_dir, progress)
     elif cfg.dataset == "imagefolder":
         root = Path(cfg.root)
         if not root.is_dir():
@@ -122,20 +122,20 @@ def _load_image_lists(cfg: DataConfig) -> tuple[ImageList, ImageList]:
                             f"{root}/{cfg.train_dir}/<class>/<images> and {root}/{cfg.val_dir}/<class>/<images>)")
         train_root = root / cfg.train_dir
         if train_root.is_dir():
-            train = scan_image_folder(train_root, cfg.verify_images)
+            train = scan_image_folder(train_root, cfg.verify_images, progress=progress)
             val_root = root / cfg.val_dir
             if cfg.val_split > 0 or not val_root.is_dir():
                 if cfg.val_split <= 0:
                     raise DataError(f"no {val_root}; pass data.val_split=0.1 (or another fraction) to split train")
                 train, val = _split(train, cfg.val_split)
             else:
-                val = scan_image_folder(val_root, cfg.verify_images, classes=train.class_names)
+                val = scan_image_folder(val_root, cfg.verify_images, classes=train.class_names, progress=progress)
                 val.skipped = train.skipped + val.skipped
                 train.skipped = []
         else:  # a bare <root>/<class>/ tree: split it
             if cfg.val_split <= 0:
                 raise DataError(f"{root} has no {cfg.train_dir}/ folder; pass data.val_split=0.1 to split {root}")
-            train, val = _split(scan_image_folder(root, cfg.verify_images), cfg.val_split)
+            train, val = _split(scan_image_folder(root, cfg.verify_images, progress=progress), cfg.val_split)
         names = _class_display_names(root, train.class_names, cfg.class_names_file)
         train.class_ids = val.class_ids = list(train.class_names)
         train.class_names = val.class_names = names

@@ -57,12 +57,13 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(img, (size, size), Image.BICUBIC)
 
 
-def _parallel_map(function: Callable, items: Sequence, desc: str) -> list:
-    """``function`` over ``items`` in a thread pool (PIL decodes and resizes without holding the GIL)."""
+def _parallel_map(function: Callable, items: Sequence, desc: str, progress: bool = True) -> list:
+    """``function`` over ``items`` in a thread pool (PIL decodes and resizes without holding the GIL); a progress
+    bar for long lists unless ``progress`` is off."""
     workers = min(16, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(function, items), total=len(items), desc=desc, mininterval=2, leave=False,
-                         disable=len(items) < 2_000))
+                         disable=not progress or len(items) < 2_000))
 
 
 @dataclass
@@ -76,7 +77,8 @@ class DeviceSplit:
         return len(self.labels)
 
     @classmethod
-    def from_image_list(cls, images: ImageList, store_size: int, device: torch.device) -> DeviceSplit:
+    def from_image_list(cls, images: ImageList, store_size: int, device: torch.device,
+                        progress: bool = True) -> DeviceSplit:
         """Decode every sample of ``images`` (paths or PIL images) at ``store_size`` onto ``device``."""
 
         def decode(item: object) -> np.ndarray:
@@ -88,7 +90,8 @@ class DeviceSplit:
             except OSError as error:  # truncated or corrupt file that the header scan let through
                 raise DataError(f"cannot read image {item}: {error}") from error
 
-        arrays = _parallel_map(decode, [item for item, _ in images.samples], f"decoding to {store_size} px")
+        arrays = _parallel_map(decode, [item for item, _ in images.samples], f"decoding to {store_size} px",
+                               progress)
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         labels = torch.tensor([label for _, label in images.samples], dtype=torch.long)
         return cls(pixels.to(device), labels.to(device))
@@ -299,7 +302,7 @@ def _meta(data: np.lib.npyio.NpzFile, path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_pack(path: str | os.PathLike, split: str) -> ImageList:
+def load_pack(path: str | os.PathLike, split: str, progress: bool = True) -> ImageList:
     """One split of a packed dataset as an :class:`ImageList` of decoded in-memory RGB images."""
     path = Path(path)
     if not path.is_file():
@@ -317,6 +320,6 @@ def load_pack(path: str | os.PathLike, split: str) -> ImageList:
         with Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]].tobytes())) as img:
             return img.convert("RGB")
 
-    images = _parallel_map(decode, range(len(labels)), f"decoding {split}")
+    images = _parallel_map(decode, range(len(labels)), f"decoding {split}", progress)
     return ImageList([(img, int(label)) for img, label in zip(images, labels)], list(meta["class_names"]),
                      class_ids=list(meta["class_ids"]))

@@ -116,7 +116,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         seed_everything(run.seed + self.dist.rank)
 
-        train_list, val_list = load_image_lists(config.data)
+        train_list, val_list = load_image_lists(config.data, progress=config.run.progress and self.dist.is_main)
         self.class_names = train_list.class_names
         # recorded relative to the dataset root: results carry nothing of the machine they were made on
         self.skipped = sorted({relative_path(p, config.data.root) for p in (*train_list.skipped, *val_list.skipped)})
@@ -215,8 +215,9 @@ class Trainer:
         d = self.config.data
         if d.on_device:
             store = d.store_size or int(math.floor(d.img_size / d.crop_pct))
-            return (DeviceSplit.from_image_list(train_list, store, self.device),
-                    DeviceSplit.from_image_list(val_list, store, self.device))
+            progress = self.config.run.progress and self.dist.is_main
+            return (DeviceSplit.from_image_list(train_list, store, self.device, progress),
+                    DeviceSplit.from_image_list(val_list, store, self.device, progress))
         train_tf, eval_tf = build_transforms(self.config)
         return ImageDataset(train_list, train_tf), ImageDataset(val_list, eval_tf)
 
@@ -507,7 +508,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, An
     trainer = Trainer(config, resume_state=state)
     if math.isfinite(trainer.lr) and trainer.dist.is_main and config.run.progress:
         tqdm.write(f"{trainer.model_summary}; {len(trainer.train_set)} train / {len(trainer.val_set)} val images, "
-                   f"{trainer.num_classes} classes; global batch {trainer.global_batch}, lr {trainer.lr:.2e}")
+                   f"{trainer.num_classes} classes; global batch {trainer.global_batch}, lr {trainer.lr:.2e} "
+                   f"(optim.lr {config.optim.lr:g} for a batch of {config.optim.lr_base_batch})")
         if trainer.skipped:
             tqdm.write(f"skipped {len(trainer.skipped)} unreadable files (listed in results.json)")
     return trainer.fit()

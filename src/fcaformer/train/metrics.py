@@ -13,8 +13,6 @@ import numpy as np
 
 from ..files import atomic_write, pyplot, save_figure
 
-plt = pyplot()  # headless (Agg): runs on servers without a display
-
 
 def write_jsonl(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> Path:
     """Rewrite the whole JSON-lines file atomically (so a kill never leaves half a line)."""
@@ -57,7 +55,7 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float] | Non
 def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
     """Train/val loss and val top-1 per epoch, side by side."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     val = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
     if val:
@@ -82,7 +80,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
     norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     n = len(class_names)
     size = min(max(4.0, 0.45 * n + 2), 16)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = pyplot().subplots(figsize=(size, size))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if n <= 40:
         ax.set_xticks(range(n), class_names, rotation=90)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..models.state_dicts import load_state_dict_strict
 from ..profile import count_macs, count_params
 from .hub import LOCAL_PREFIX, RECORD_KEY, data_config_from_pretrained_cfg, write_hub_folder
 from .load import read_weights
+from .record import WeightsRecord
 
 PARITY_TOLERANCE = 1e-6
 """Largest relative L2 difference between the folder's and the source's logits that :func:`convert_to_hub`
@@ -41,6 +43,10 @@ class ConvertReport:
     img_size: int
     max_abs_diff: float
     relative_diff: float
+    tag: str = ""
+    """timm's pretrained tag of the folder (``in1k`` for the release; the training data's name otherwise)."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """What the weights were trained on and how well they did, as far as the source records it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,16 +121,22 @@ def convert_to_hub(
 
     architecture = record.architecture
     params, macs = count_params(model), count_macs(model, (1, in_chans, size, size))
+    training = training_record(record)
+    tag = training.pop("tag")
+    # timm's default cfg says what the registered variant was pretrained on (in1k, 224 px): say what these are
+    cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), "tag": tag}
+    cfg.pop("pool_size", None)
+    model.pretrained_cfg = {**cfg, **_pool_size(model, in_chans, size)}
 
     def report() -> ConvertReport:
         return ConvertReport(
             out_dir=str(out_dir), source=record.label, source_kind=record.kind, source_sha256=record.sha256,
             model=name, architecture=architecture, model_args=dict(kwargs), params=params, macs=macs, img_size=size,
-            **measured,
+            tag=tag, training=training, **measured,
         )
 
     provenance = {"source": record.label, "source_kind": record.kind, "source_sha256": record.sha256,
-                  "architecture": architecture}
+                  "architecture": architecture, "training": training}
     write_hub_folder(model, out_dir, model_args=kwargs, data_config=data_config, label_names=record.class_names,
                      record=provenance, card=card, overwrite=overwrite)
     return report()
@@ -138,6 +150,41 @@ def _record_parity(folder: Path, measured: Mapping[str, float]) -> None:
         "measured_on": "2 seeded random images, float32, CPU, faithful path of the source vs timm's local-dir load",
     }
     atomic_json_dump(config, folder / "config.json")
+
+
+def training_record(record: WeightsRecord) -> dict[str, Any]:
+    """What the source says about its training data and accuracy (``tag``: a timm pretrained tag for it)."""
+    if record.release_preprocessing:
+        return {"tag": "in1k", "data": "ImageNet-1k (the authors' release)",
+                "accuracy": "not measured by this project (paper: see the model zoo of the fcaformer README)"}
+    config = record.info.get("train_config") or {}
+    data = config.get("data") or {}
+    if not data:
+        return {"tag": "custom", "data": "not recorded by the source"}
+    dataset = data.get("dataset", "?")
+    name = dataset if dataset in ("digits", "cifar10", "cifar100") else Path(str(data.get("root") or dataset)).name
+    out: dict[str, Any] = {
+        "tag": re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "custom",
+        "data": f"{dataset} {name!r}" if name != dataset else dataset,
+        "classes": len(record.class_names) if record.class_names else None,
+        "img_size": data.get("img_size"),
+        "epochs": (config.get("run") or {}).get("epochs"),
+    }
+    if (config.get("model") or {}).get("pretrained"):
+        out["fine_tuned_from"] = config["model"]["pretrained"]
+    metrics = record.info.get("metrics") or {}
+    if metrics.get("val_top1") is not None:
+        top5 = metrics.get("val_top5", float("nan"))
+        out["accuracy"] = (f"val top-1 {metrics['val_top1']:.2f} %, top-5 {top5:.2f} % after epoch "
+                           f"{metrics.get('epoch', '?')} (as recorded by fcaformer train)")
+    return out
+
+
+def _pool_size(model: nn.Module, in_chans: int, size: int) -> dict[str, Any]:
+    """timm's ``pool_size`` (the final feature map's size) at the folder's input size; none for token outputs."""
+    with torch.no_grad():
+        features = model.forward_features(torch.zeros(1, in_chans, size, size))
+    return {"pool_size": tuple(features.shape[-2:])} if features.ndim == 4 else {}
 
 
 def _model_data_config(model: nn.Module) -> dict[str, Any]:
@@ -154,6 +201,12 @@ def model_card(report: ConvertReport) -> str:
     """The ``README.md`` of a converted folder: what it is, its size and cost, where it came from, how it loads."""
     gmacs = report.macs / 1e9
     sha = report.source_sha256 or "n/a (not a single file)"
+    training = report.training
+    details = [f"{training[k]} {label}" for k, label in (("classes", "classes"), ("img_size", "px"),
+                                                          ("epochs", "epochs")) if training.get(k)]
+    if training.get("fine_tuned_from"):
+        details.append(f"fine-tuned from `{training['fine_tuned_from']}`")
+    extra = f" ({', '.join(details)})" if details else ""
     return f"""---
 library_name: timm
 tags:
@@ -173,6 +226,8 @@ as a timm model, converted by `fcaformer convert` from `{report.source}` ({repor
 | params | {report.params / 1e6:.3f} M |
 | MACs | {gmacs:.4f} G at {report.img_size}x{report.img_size} (batch 1, MACs = FLOPs / 2) |
 | source file | `{report.source}`, sha256 `{sha}` |
+| training data | {training.get("data", "not recorded")}{extra} |
+| accuracy | {training.get("accuracy", "not recorded by the source")} |
 | parity | logits of this folder loaded by timm vs the source loaded by fcaformer: max abs difference \
 {report.max_abs_diff:.3g}, relative L2 difference {report.relative_diff:.3g} (2 seeded random \
 {report.img_size}x{report.img_size} images, float32, CPU) |

@@ -223,8 +223,11 @@ def write_hub_folder(
 
 
 def _sync_folder(folder: Path) -> None:
-    """fsync every file and the folder itself, so that the rename publishes complete files."""
+    """Give every file the mode of a normal write and fsync it and the folder itself, so that the rename publishes
+    complete, readable files."""
+    mode = 0o666 & ~umask()  # what a plain write gives: some writers (safetensors) create private files
     for path in folder.iterdir():
+        path.chmod(mode)
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
     sync_folder_entry(folder)
