@@ -119,7 +119,8 @@ def measure(checkpoint: Path, train: Path, val: Path, calib_images: int, check_i
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Machine: {results['machine']['cpu']}, {results['threads']} threads; torch {results['machine']['torch']}. "
+    machine = results["machine"]
+    lines = [f"Machine: {machine['cpu']}, {results['threads']} threads; torch {machine['torch']}. "
              f"{results['calib_images']} calibration images.", "",
              "| set | model | calibration | classes in it | runtime | agreement with fp32 (%) | int8 top-1 (%) | "
              "fp32 top-1 (%) | val images |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
