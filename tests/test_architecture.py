@@ -20,7 +20,7 @@ SRC = REPO_ROOT / "src"
 
 # Layers, bottom to top: a module may import its own layer and the ones below, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("fcaformer.errors", "fcaformer.files"),
+    ("fcaformer.errors", "fcaformer.files", "fcaformer.images"),
     ("fcaformer.layers",),
     ("fcaformer.models", "fcaformer.fast", "fcaformer.lean", "fcaformer.profile"),
     ("fcaformer.weights",),

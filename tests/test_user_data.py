@@ -22,6 +22,7 @@ from PIL import Image
 from fcaformer.cli import main
 from fcaformer.deploy import calibration_and_check_images, list_images
 from fcaformer.files import atomic_json_dump, portable_path
+from fcaformer.train import load_config
 from fcaformer.weights import read_hub_folder, save_model
 from fcaformer.weights.hub import write_hub_folder
 from tests._train_helpers import TINY_MODEL, make_image_folder, tiny_overrides
@@ -236,7 +237,9 @@ def test_no_progress_hides_the_data_scan_bars(tmp_path: Path) -> None:
 
 def test_head_init_scale_without_pretrained_is_an_error(capsys) -> None:
     assert main(["train", "--head-init-scale", "0.001", "--print-config"]) == 2
-    assert re.search(r"head_init_scale.*only applies when fine-tuning: add --pretrained", capsys.readouterr().err)
+    assert re.search(r"--head-init-scale only applies when fine-tuning: add --pretrained", capsys.readouterr().err)
+    with pytest.warns(UserWarning, match="head_init_scale=0.001 has no effect without model.pretrained"):
+        load_config("default", ["model.head_init_scale=0.001"])
 
 
 def test_print_config_does_not_import_plotting_or_dataset_libraries() -> None:

@@ -62,12 +62,16 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
-def default_preset(args: argparse.Namespace) -> str:
-    """The preset when no ``--config`` is given: ``finetune`` (the measured fine-tuning recipe) with
-    ``--pretrained``, ``imagenette`` for an ImageFolder given with ``--data``, else ``default`` (the digits)."""
-    if args.pretrained:
-        return "finetune"
+def data_preset(args: argparse.Namespace) -> str:
+    """The preset the data calls for: ``imagenette`` for an ImageFolder given with ``--data``, else ``default``
+    (the digits)."""
     return "imagenette" if args.data and not args.dataset else "default"
+
+
+def default_preset(args: argparse.Namespace) -> str:
+    """The preset when no ``--config`` is given: with ``--pretrained`` ``finetune`` (the measured fine-tuning
+    recipe, applied over :func:`data_preset`), else :func:`data_preset`."""
+    return "finetune" if args.pretrained else data_preset(args)
 
 
 def _guess_dataset(root: str) -> str:
@@ -113,8 +117,11 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train.engine import TrainingDiverged, train
 
     try:
+        if args.head_init_scale is not None and not args.pretrained:
+            raise ConfigError("--head-init-scale only applies when fine-tuning: add --pretrained SOURCE, or drop it")
         preset = args.config or default_preset(args)
-        config = load_config(preset, _overrides(args))
+        # the recipe has no data of its own: it goes over the preset the data calls for
+        config = load_config(preset, _overrides(args), base=data_preset(args) if preset == "finetune" else None)
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False))
             return 0

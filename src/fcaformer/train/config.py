@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -192,9 +193,6 @@ class TrainConfig:
             (self.model.pretrained is None or (isinstance(self.model.pretrained, str) and self.model.pretrained),
              f"model.pretrained={self.model.pretrained!r} must be a path, local-dir:PATH or hf-hub:NAME"),
             (self.model.head_init_scale > 0, f"model.head_init_scale={self.model.head_init_scale} must be > 0"),
-            (self.model.head_init_scale == 1 or self.model.pretrained,
-             f"model.head_init_scale={self.model.head_init_scale} (--head-init-scale) only applies when fine-tuning: "
-             "add --pretrained SOURCE, or drop it"),
             (self.optim.layer_decay is None or 0 < self.optim.layer_decay <= 1,
              f"optim.layer_decay={self.optim.layer_decay} must be in (0, 1] (or null: off)"),
             (self.data.classes is None or (isinstance(self.data.classes, list) and self.data.classes
@@ -208,6 +206,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.model.head_init_scale != 1 and not self.model.pretrained:
+            warnings.warn(f"model.head_init_scale={self.model.head_init_scale} has no effect without model.pretrained "
+                          "(it scales a classifier re-initialised over pretrained weights)", stacklevel=2)
         return self
 
 
