@@ -240,6 +240,13 @@ def output_stems(paths: Sequence[Path], suffixes: Sequence[str] = (".png",)) -> 
     return stems
 
 
+def input_label(path: Path) -> str:
+    """An input as ``predict`` records it: the path as given when it is relative (it then says where the file is
+    from the working folder, on any machine), else :func:`~fcaformer.io.path_label` (no absolute paths in the
+    files the project writes)."""
+    return path_label(path) if path.is_absolute() else path.as_posix()
+
+
 def read_image(path: str | os.PathLike) -> torch.Tensor:
     """An RGB image as a float ``(3, H, W)`` tensor in [0, 1]; :class:`SampleError` naming the file otherwise."""
     return TF.to_dtype(TF.to_image(open_rgb(path)), torch.float32, scale=True).as_subclass(torch.Tensor)
@@ -285,7 +292,7 @@ class PredictInputs:
                 image = read_image(path)
             except SampleError as error:
                 self.logger.warning("skipping an image that cannot be read: %s", error)
-                self.failed.append({"image": path_label(path), "error": str(error)})
+                self.failed.append({"image": input_label(path), "error": str(error)})
                 continue
             yield PredictInput(path, stem, image)
         if self.failed and len(self.failed) == len(self.paths):
