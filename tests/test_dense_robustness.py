@@ -19,8 +19,8 @@ from pycocotools import mask as mask_utils
 from fcaformer.cli import main as cli_main
 from fcaformer.detection import AnnotationError, CocoDetection
 from fcaformer.detection.data import check_segmentation
-from fcaformer.detection.engine import DetectTrainConfig, train_detector
-from fcaformer.detection.inputs import DataCheckError, SampleError, output_stems, probe_image
+from fcaformer.detection.engine import DetectTrainConfig, draw_detections, train_detector
+from fcaformer.detection.inputs import DataCheckError, SampleError, output_stems, palette, probe_image
 from fcaformer.segmentation import SegmentationFolder
 from fcaformer.segmentation.engine import SegmentTrainConfig, train_segmentor
 from tests.conftest import shared_path
@@ -125,9 +125,13 @@ def test_truncated_jpeg_is_named_and_skipped_by_detect_train_and_eval(tmp_path, 
     assert len(skipped["unreadable images"]) == 1 and "2011_000006.jpg" in skipped["unreadable images"][0]
     with pytest.raises(SampleError, match="2011_000006.jpg: image file is truncated"):
         probe_image(root / "JPEGImages" / "2011_000006.jpg")
+    capsys.readouterr()
     assert cli_main(["detect", "eval", "--checkpoint", str(out / "model.pt"), "--data-root", str(root), "--ann", ann,
                      "--json-out", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["images"] == 2
+    # issue 23: the summary line says what was left out (it said "COCO AP on 2 images")
+    assert "COCO AP on 2 images, 1 skipped (1 when the data was scanned, 0 that failed to load" in \
+        capsys.readouterr().out
 
 
 def test_image_that_fails_to_decode_during_training_is_skipped_and_named(tmp_path) -> None:
@@ -151,7 +155,7 @@ def test_image_that_fails_to_decode_during_training_is_skipped_and_named(tmp_pat
     assert train_log(tmp_path / "r")["skipped"]["when_loaded"] == [failure]
 
 
-def test_segmentation_skips_truncated_images_and_corrupt_label_maps(tmp_path, caplog) -> None:
+def test_segmentation_skips_truncated_images_and_corrupt_label_maps(tmp_path, caplog, capsys) -> None:
     """Issue 11.1 for ``segment``: a truncated photo is dropped when the folders are scanned, a label map
     corrupt in the middle when it is loaded; training, its validation and eval all finish."""
     root = voc_copy(tmp_path)
@@ -169,11 +173,15 @@ def test_segmentation_skips_truncated_images_and_corrupt_label_maps(tmp_path, ca
     assert any(r.name == "fcaformer.segmentation.data" and "2011_000025.jpg" in r.getMessage()
                for r in caplog.records)
     assert not any(r.name.startswith("fcaformer.detection") for r in caplog.records)
+    capsys.readouterr()
     assert cli_main(["segment", "eval", "--checkpoint", str(out / "model.pt"), "--img-dir", str(root / "JPEGImages"),
                      "--ann-dir", str(root / "SegmentationClass"), "--min-usable", "0.3",
                      "--json-out", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["images"] == 1 and "2011_000006.png" in metrics["skipped_when_loaded"][0]
+    # issue 23: one line says how many images were evaluated and how many skipped, and where
+    assert ("segmentation (whole) on 1 images, 2 skipped (1 when the data was scanned, 1 that failed to load"
+            in capsys.readouterr().out)
 
 
 def test_too_little_usable_data_stops_before_training(tmp_path, capsys) -> None:
@@ -184,7 +192,7 @@ def test_too_little_usable_data_stops_before_training(tmp_path, capsys) -> None:
     assert cli_main(detect_train_args(root, str(root / "annotations.json"), out)) == 2
     line = error_line(capsys)
     assert "only 1 of 3 images" in line and "2011_000006.jpg" in line and "--min-usable" in line
-    assert not (out / "last.pt").exists()
+    assert not (out / "checkpoints").exists()
     assert cli_main(segment_train_args(root, out)) == 2
     assert "only 1 of 3 images" in error_line(capsys)
     # a threshold the user lowers lets the run go on with what is usable
@@ -305,11 +313,12 @@ def test_resume_of_a_run_that_does_not_exist_is_an_error(tmp_path, capsys) -> No
     assert not out.exists()
     out.mkdir()
     assert cli_main(segment_train_args(voc, out, 1, "--resume")) == 2
-    assert f"{out} has no last.pt" in error_line(capsys)
+    assert f"{out} has no training state" in error_line(capsys)
 
 
 # ---------------------------------------------------------------------- 6: folders and shared file names
-def test_predict_takes_folders_and_keeps_inputs_with_the_same_name_apart(tmp_path, detector, segmentor) -> None:
+def test_predict_takes_folders_and_keeps_inputs_with_the_same_name_apart(tmp_path, detector, segmentor,
+                                                                         monkeypatch) -> None:
     """Issue 11.6: a folder failed, and a/x.png, b/x.png overwrote each other's outputs."""
     voc = shared_path("data", "voc-mini", "JPEGImages")
     for folder, photo in (("a", PHOTOS[0]), ("b", PHOTOS[1])):
@@ -327,6 +336,20 @@ def test_predict_takes_folders_and_keeps_inputs_with_the_same_name_apart(tmp_pat
     assert cli_main(["segment", "predict", "--checkpoint", str(segmentor), str(voc), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*_labels.png")) == [f"{p}_labels.png" for p in PHOTOS]
     assert output_stems([Path("d/x.jpg"), Path("d/x.png")]) == ["x", "x_2"]
+
+    # issue 23: inputs given by a relative path are recorded as given (was "a/x.jpg" for dup/det/a/x.jpg and
+    # "img_corrupt/..." for a folder given as mistakes/seg/img_corrupt), failures too
+    monkeypatch.chdir(tmp_path)
+    for folder in ("dup/det/a", "mistakes/seg/img_corrupt"):
+        shutil.copytree(tmp_path / "a", folder)
+        Path(folder, "broken.jpg").write_bytes(b"not an image")
+    assert cli_main(["detect", "predict", "--checkpoint", str(detector), "dup/det/a", "--out", "det_rel"]) == 0
+    assert cli_main(["segment", "predict", "--checkpoint", str(segmentor), "mistakes/seg/img_corrupt", "--out",
+                     "seg_rel"]) == 0
+    for out, folder in (("det_rel", "dup/det/a"), ("seg_rel", "mistakes/seg/img_corrupt")):
+        records = json.loads(Path(out, "predictions.json").read_text())
+        assert [r["image"] for r in records] == [f"{folder}/x.jpg", f"{folder}/broken.jpg"]
+        assert "error" in records[1] and "error" not in records[0]
     assert output_stems([Path("x.png"), Path("x_labels.png")], (".png", "_labels.png")) == ["x", "x_labels_2"]
 
 
@@ -385,6 +408,9 @@ def test_log_curves_and_final_message_cover_the_whole_run_across_resumes(tmp_pat
     log = train_log(out)
     assert log["iterations"] == 4 and len(log["losses"]) == len(log["lrs"]) == 4
     assert log["losses"][:2] == first and log["resumed_at"] == [2]
+    # issue 23: the lr of the first resumed iteration is the 4-iteration schedule's (half the peak, no warm-up),
+    # not the 2-iteration one's end (it was 0.0)
+    assert log["lrs"][2] == pytest.approx(1e-4 / 2)
     assert Image.open(out / "curves.png").size[0] > 1000
     assert cli_main(segment_train_args(voc, out, 4, "--resume")) == 2
     assert "already done 4 iterations" in error_line(capsys)
@@ -454,3 +480,41 @@ def test_segmentation_folder_skips_colour_label_maps_when_scanned(tmp_path, capl
     assert len(dataset) == 2
     assert dataset.skipped == {"label maps that are not single-channel class indices": 1}
     assert f"{PHOTOS[0]}.png has mode RGB" in caplog.text
+
+
+# ------------------------------------------------------------------------ issue 23: bad input let through
+@pytest.mark.parametrize("case", ["detector-kwargs", "detect-backbone-kwargs", "segment-backbone-kwargs", "set"])
+def test_unknown_keys_of_kwargs_options_are_errors_naming_the_valid_ones(case, tmp_path, capsys) -> None:
+    """``{"fpn_chanels": 64}`` trained the default 256-channel FPN and stored the typo in the checkpoint; a typo in
+    ``--backbone-kwargs`` or ``--set model.kwargs.*`` ended in a TypeError traceback after the data scan."""
+    voc = shared_path("data", "voc-mini")
+    out = tmp_path / "run"
+    argv, typo, valid = {
+        "detector-kwargs": (detect_train_args(voc, str(voc / "annotations.json"), out, 1, "--detector-kwargs",
+                                              '{"fpn_chanels": 64}'), "fpn_chanels", "fpn_channels"),
+        "detect-backbone-kwargs": (detect_train_args(voc, str(voc / "annotations.json"), out, 1, "--backbone-kwargs",
+                                                     '{"depth": [1, 1, 2, 1]}'), "depth", "depths"),
+        "segment-backbone-kwargs": (segment_train_args(voc, out, 1, "--backbone-kwargs", '{"drop_path": 0.1}'),
+                                    "drop_path", "drop_path_rate"),
+        "set": (["train", "--output", str(out), "--set", "run.progress=false", "model.kwargs.dimz=[16,16,32,32]"],
+                "dimz", "dims"),
+    }[case]
+    assert cli_main(argv) == 2
+    line = error_line(capsys)
+    assert f"unknown key {typo}" in line and f"did you mean {valid}?" in line and "valid keys:" in line
+    assert not out.exists()  # refused before anything was read or written
+
+
+def test_detection_labels_are_drawn_on_a_filled_background_in_a_contrasting_colour() -> None:
+    """Labels were drawn in the box colour on the photo: unreadable where boxes overlap."""
+    image = torch.tensor([0.1, 0.1, 0.6])[:, None, None].expand(3, 120, 200)  # dark blue
+    detections = {"boxes": torch.tensor([[40.0, 50.0, 190.0, 110.0]]), "scores": torch.tensor([0.9]),
+                  "labels": torch.tensor([7])}
+    names = [f"class{i}" for i in range(21)]
+    picture = draw_detections(image, detections, names).permute(1, 2, 0).numpy().astype(int)
+    label = picture[40:50, 42:90]  # inside the label's place: above the box's top-left corner
+    fill = palette(21)[7]  # mid-grey
+    filled = (np.abs(label - fill).sum(-1) == 0).mean()
+    ink = np.abs(label - fill).sum(-1) > 300  # far from the fill: the text (white on this grey)
+    assert filled > 0.5 and ink.mean() > 0.05
+    assert (label[ink] > 200).all()  # white text on the mid-grey fill (luminance 128)

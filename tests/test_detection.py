@@ -25,6 +25,7 @@ from fcaformer.detection import (
 from fcaformer.detection.engine import DetectTrainConfig, load_detector, train_detector
 from fcaformer.detection.training import layer_decay_param_groups, read_task_checkpoint
 from fcaformer.errors import CheckpointError
+from fcaformer.train.state import list_states
 from tests.conftest import shared_path
 
 SMALL = dict(dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(3, 4))
@@ -235,16 +236,18 @@ def _config(tmp_path, iterations: int, **kwargs) -> DetectTrainConfig:
 
 def test_mask_rcnn_trains_on_voc_mini_with_falling_loss_and_resumes(tmp_path) -> None:
     first = train_detector(_config(tmp_path, 2), show_progress=False)
-    last = read_task_checkpoint(tmp_path / "run" / "last.pt", "detection")
-    assert last["iteration"] == 2 and "optimizer" in last
     resumed = train_detector(_config(tmp_path, 4, resume=True), show_progress=False)
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    # issue 23: the resumed run trains at its own schedule's lr from its first step (warm-up 1, then linear decay
+    # over 3 iterations: 2/3 of the peak at iteration 3), not at the 2-iteration schedule's end (0)
+    assert log["lrs"][2] == pytest.approx(1e-3 * 2 / 3)
     # continued at iteration 2; the losses, train_log.json and curves.png cover the whole run (issue 11.8)
     assert resumed["start_iteration"] == 2 and resumed["losses"][:2] == first["losses"]
     losses = resumed["losses"]
     assert len(losses) == 4 and max(losses[-2:]) < min(losses[:2])
-    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert log["losses"] == losses and log["resumed_at"] == [2] and (tmp_path / "run" / "curves.png").exists()
-    assert read_task_checkpoint(tmp_path / "run" / "last.pt", "detection")["iteration"] == 4
+    states = [read_task_checkpoint(path, "detection") for path in list_states(tmp_path / "run" / "checkpoints")]
+    assert [state["iteration"] for state in states] == [4, 2] and all("optimizer" in state for state in states)
     _, raw = load_detector(tmp_path / "run" / "model.pt")
     assert raw["class_names"][15] == "person" and raw["iteration"] == 4
 

@@ -28,7 +28,8 @@ import fcaformer
 from fcaformer.benchmark import randomize_weights_
 from fcaformer.fast import fast_attention_modules, fuse_model, set_fast_attention
 from fcaformer.train import load_config
-from fcaformer.train.engine import Trainer, resume_config
+from fcaformer.train.engine import Trainer
+from fcaformer.train.state import load_latest_state
 from tests._train_helpers import tiny_overrides
 from tests.conftest import shared_path
 
@@ -231,7 +232,7 @@ def test_trainer_resume_on_device_equals_uninterrupted(device: torch.device, tmp
     whole = Trainer(load_config("default", tiny_overrides(tmp_path / "whole", *extra)))
     whole.fit()
     Trainer(load_config("default", tiny_overrides(tmp_path / "split", *extra, "run.max_steps=5"))).fit()
-    _, state = resume_config(tmp_path / "split")
+    state, _ = load_latest_state(tmp_path / "split")
     resumed = Trainer(load_config("default", tiny_overrides(tmp_path / "split", *extra)), resume_state=state)
     assert (resumed.pos.epoch, resumed.pos.step) == (1, 5)
     resumed.fit()

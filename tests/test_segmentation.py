@@ -29,6 +29,7 @@ from fcaformer.segmentation.engine import (
     scores_from_confusion,
     train_segmentor,
 )
+from fcaformer.train.state import list_states
 from tests.conftest import shared_path
 
 SMALL = dict(dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(3, 4))
@@ -159,9 +160,11 @@ def _config(tmp_path, iterations: int, **kwargs) -> SegmentTrainConfig:
 
 def test_upernet_trains_on_voc_mini_with_falling_loss_resumes_and_evaluates(tmp_path) -> None:
     first = train_segmentor(_config(tmp_path, 2), show_progress=False)
-    assert read_task_checkpoint(tmp_path / "run" / "last.pt", "segmentation")["iteration"] == 2
+    assert read_task_checkpoint(list_states(tmp_path / "run" / "checkpoints")[0], "segmentation")["iteration"] == 2
     resumed = train_segmentor(_config(tmp_path, 5, resume=True), show_progress=False)
     assert resumed["start_iteration"] == 2 and resumed["losses"][:2] == first["losses"]  # the whole run
+    # issue 23: the first resumed iteration has the 5-iteration schedule's lr (warm-up 1, then linear decay)
+    assert json.loads((tmp_path / "run" / "train_log.json").read_text())["lrs"][2] == pytest.approx(1e-3 * 3 / 4)
     losses = resumed["losses"]
     assert len(losses) == 5 and max(losses[-2:]) < min(losses[:2])
 
@@ -257,9 +260,11 @@ def test_torchrun_ddp_two_processes_gloo(tmp_path) -> None:
                "-m", "fcaformer", "segment", "train", "--img-dir", img_dir, "--ann-dir", ann_dir,
                "--num-classes", "21", "--out", str(out), "--model", "fcaformer_l1", "--backbone-kwargs",
                json.dumps(SMALL), "--decoder-channels", "32", "--decoder-norm", "identity", "--crop-size", "96",
-               "--base-size", "96", "--iterations", "2", "--batch-size", "1", "--workers", "0", "--device", "cpu"]
+               "--base-size", "96", "--iterations", "2", "--batch-size", "1", "--workers", "0", "--device", "cpu",
+               # validation on rank 0 alone: torchmetrics' gather across ranks used to deadlock it (issue 23)
+               "--val-img-dir", img_dir, "--val-ann-dir", ann_dir]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_task_checkpoint(out / "last.pt", "segmentation")["iteration"] == 2
+    assert read_task_checkpoint(list_states(out / "checkpoints")[0], "segmentation")["iteration"] == 2
     model, _ = load_segmentor(out / "model.pt")
     assert not any(k.startswith("module.") for k in model.state_dict())

@@ -98,6 +98,13 @@ def json_dict(text: str) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
 
 
+def resume_mode(text: str) -> str:
+    """argparse type of ``--resume``'s optional value: only ``auto``."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
+    return text
+
+
 def fraction(text: str) -> float:
     """argparse type: a number in [0, 1]."""
     try:
@@ -119,7 +126,8 @@ def add_min_usable(parser: argparse.ArgumentParser) -> None:
 
 def add_common_train_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """Backbone, optimisation, checkpointing and runtime options of both ``train`` actions."""
-    parser.add_argument("--out", required=True, help="output folder (last.pt, model.pt, train_log.json, curves.png)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (checkpoints/state-*.pt, model.pt, train_log.json, curves.png)")
     parser.add_argument("--model", default="fcaformer_l2",
                         choices=("fcaformer_l1", "fcaformer_l2", "fcaformer_l3", "fcaformer_l4"),
                         help="backbone (on a CPU start with fcaformer_l1)")
@@ -137,11 +145,19 @@ def add_common_train_args(parser: argparse.ArgumentParser, batch_size: int) -> N
                         help="linear warm-up steps; must be below --iterations (default: min(50, iterations / 10))")
     parser.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (default: off)")
     parser.add_argument("--checkpoint-every", type=int, default=100,
-                        help="iterations between saves of last.pt, train_log.json and curves.png")
+                        help="iterations between training states (checkpoints/state-<iteration>.pt) and saves of "
+                             "train_log.json and curves.png")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                        help="also write a training state when this many minutes have passed since the last one "
+                             "(0: off)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2,
+                        help="training states kept, the newest (a corrupt newest one falls back to the one before)")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="also validate every N iterations (0: only after the last one; needs a validation set)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last.pt (an error when there is none)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=resume_mode, metavar="auto",
+                        help="continue the run in --out from its newest good training state (an error when there "
+                             "is none); '--resume auto': continue it if it has one, else start it (the same "
+                             "command for the first start and every restart, e.g. under torchrun --max-restarts)")
     parser.add_argument("--workers", type=int, default=2, help="data loader processes (0: load in the main one)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
@@ -155,7 +171,8 @@ def common_train_config(args: argparse.Namespace) -> dict[str, Any]:
         out_dir=args.out, variant=args.model, backbone_kwargs=args.backbone_kwargs,
         backbone_weights=args.backbone_weights, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, layer_decay=args.layer_decay, warmup_iters=args.warmup_iters,
-        clip_grad=args.clip_grad, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        clip_grad=args.clip_grad, checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes, keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
         resume=args.resume, workers=args.workers, seed=args.seed, device=args.device, min_usable=args.min_usable,
     )
 
@@ -189,7 +206,7 @@ def report_training(result: Mapping[str, Any]) -> int:
     return 0
 
 
-def print_metrics(title: str, metrics: Mapping[str, Any]) -> None:
+def print_metrics(title: str | None, metrics: Mapping[str, Any]) -> None:
     """Scalar metrics as a rich table (lists such as per-class values are left out)."""
     table = Table(title=title)
     table.add_column("metric")
@@ -215,11 +232,22 @@ def print_per_class(title: str, class_names: Sequence[str], columns: Mapping[str
     Console().print(table)
 
 
-def report_metrics(title: str, metrics: Mapping[str, Any], json_out: str | None) -> int:
-    """Print ``metrics`` (and write them to ``json_out`` when given); the exit status (0) of an ``eval`` action."""
-    print_metrics(title, metrics)
-    if metrics.get("skipped_when_loaded"):
-        print(f"left out {len(metrics['skipped_when_loaded'])} images that failed to load (named in the log above)")
+def eval_summary(what: str, metrics: Mapping[str, Any], dataset: Any) -> str:
+    """``"<what> on N images, K skipped (...)"``: what an evaluation covered and what it left out, in one line.
+    Skipped are the dataset's images dropped when it was scanned (``dataset.listed``: how many it lists) and those
+    that failed to load during the evaluation (``metrics["skipped_when_loaded"]``)."""
+    scanned = getattr(dataset, "listed", len(dataset)) - len(dataset)
+    loaded = len(metrics.get("skipped_when_loaded", []))
+    detail = (f" ({scanned} when the data was scanned, {loaded} that failed to load; named in the log above)"
+              if scanned or loaded else "")
+    return f"{what} on {metrics['images']} images, {scanned + loaded} skipped{detail}"
+
+
+def report_metrics(summary: str, metrics: Mapping[str, Any], json_out: str | None) -> int:
+    """Print the one-line ``summary`` (see :func:`eval_summary`) and ``metrics`` (and write them to ``json_out``
+    when given); the exit status (0) of an ``eval`` action."""
+    print(summary)
+    print_metrics(None, metrics)
     if json_out:
         atomic_json_dump(dict(metrics), json_out)
     return 0

@@ -10,6 +10,7 @@ from ._dense_args import (
     add_common_train_args,
     add_min_usable,
     common_train_config,
+    eval_summary,
     guarded,
     json_dict,
     print_per_class,
@@ -46,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=run_train)
 
     evaluate = add_action(actions, "eval", "COCO box / mask AP of a trained detector, overall and per class")
-    evaluate.add_argument("--checkpoint", required=True, help="model.pt or last.pt of detect train")
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="model.pt of detect train, or one of its training states (checkpoints/state-*.pt)")
     evaluate.add_argument("--data-root", required=True, help="folder the annotation file_names are relative to")
     evaluate.add_argument("--ann", required=True, help="COCO instances .json with the model's categories")
     evaluate.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
@@ -58,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict = add_action(actions, "predict", "draw boxes, class names and masks on images",
                          description="Draw boxes, class names and masks on images; write predictions.json (boxes, "
                                      "scores, class names, masks as COCO RLE).")
-    predict.add_argument("--checkpoint", required=True, help="model.pt or last.pt of detect train")
+    predict.add_argument("--checkpoint", required=True,
+                         help="model.pt of detect train, or one of its training states (checkpoints/state-*.pt)")
     predict.add_argument("images", nargs="+", help="image files or folders (a folder: the images directly in it)")
     predict.add_argument("--out", required=True, help="output folder for the drawings and predictions.json")
     predict.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
@@ -95,7 +98,7 @@ def run_eval(args: argparse.Namespace) -> int:
     columns = {f"{kind} AP": metrics[f"{iou}_per_class_AP"] for iou, kind in (("bbox", "box"), ("segm", "mask"))
                if f"{iou}_per_class_AP" in metrics}
     print_per_class("AP per class (IoU 0.50:0.95)", metrics["class_names"], columns)
-    return report_metrics(f"COCO AP on {metrics['images']} images", metrics, args.json_out)
+    return report_metrics(eval_summary("COCO AP", metrics, dataset), metrics, args.json_out)
 
 
 @guarded

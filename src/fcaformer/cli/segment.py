@@ -10,6 +10,7 @@ from ._dense_args import (
     add_common_train_args,
     add_min_usable,
     common_train_config,
+    eval_summary,
     guarded,
     print_per_class,
     report_metrics,
@@ -33,7 +34,8 @@ def _pair(text: str) -> tuple[int, int]:
 
 
 def _add_inference_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="model.pt or last.pt of segment train")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model.pt of segment train, or one of its training states (checkpoints/state-*.pt)")
     parser.add_argument("--mode", default="whole", choices=("whole", "slide"), help="whole-image or sliding window")
     parser.add_argument("--crop-size", type=_pair, default=(512, 512),
                         help="sliding-window size, HxW (default: 512x512)")
@@ -136,7 +138,7 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics["class_names"] = names
     print_per_class("IoU per class", names,
                     {"IoU": metrics["per_class_iou"]})
-    return report_metrics(f"segmentation on {metrics['images']} images ({args.mode})", metrics, args.json_out)
+    return report_metrics(eval_summary(f"segmentation ({args.mode})", metrics, dataset), metrics, args.json_out)
 
 
 @guarded

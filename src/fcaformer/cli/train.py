@@ -28,7 +28,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="lr for a batch of optim.lr_base_batch images (the lr used scales "
                                             "linearly with the global batch; --print-config shows both)")
     p.add_argument("--img-size", type=int)
-    p.add_argument("--output", "-o", help="run folder")
+    p.add_argument("--output", "-o", help="run folder (default: the config's run.output; with --data, "
+                                           "runs/<the data folder's name>)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"])
@@ -37,6 +38,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
     p.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N optimizer steps")
+    p.add_argument("--ckpt-every-minutes", type=float,
+                   help="also checkpoint when this many minutes have passed since the last state (default 10; 0: off)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -56,8 +59,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                       help="linear probe: train only the classifier on the frozen (eval-mode) backbone")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. optim.weight_decay=0.1 model.kwargs.depths=[1,1,3,1]")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_OR_STATE",
-                   help="continue a run from its newest good checkpoint (default folder: --output or the config's)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="auto|RUN_OR_STATE",
+                   help="continue a run from its newest good checkpoint (default folder: --output or the config's). "
+                        "'auto': continue the run folder's run if it has a state, else start it (the same command "
+                        "for the first start and every restart, e.g. under torchrun --max-restarts)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.set_defaults(func=run_train)
 
@@ -92,6 +97,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "run.output": args.output, "run.seed": args.seed, "run.device": args.device, "run.amp": args.amp,
         "data.workers": args.workers, "run.threads": args.threads, "optim.accum_steps": args.accum_steps,
         "optim.clip_grad": args.clip_grad, "run.ckpt_every_steps": args.ckpt_every_steps,
+        "run.ckpt_every_minutes": args.ckpt_every_minutes,
         "model.pretrained": args.pretrained, "model.head_init_scale": args.head_init_scale,
         "optim.layer_decay": args.layer_decay,
     }
@@ -113,25 +119,27 @@ def run_train(args: argparse.Namespace) -> int:
 
     from ..errors import CheckpointError
     from ..train import ConfigError, load_config
+    from ..train.config import RESUMABLE_KEYS
     from ..train.data import DataError
-    from ..train.engine import TrainingDiverged, train
+    from ..train.engine import AUTO, TrainingDiverged, train
 
     try:
         if args.head_init_scale is not None and not args.pretrained:
             raise ConfigError("--head-init-scale only applies when fine-tuning: add --pretrained SOURCE, or drop it")
         preset = args.config or default_preset(args)
+        overrides = _overrides(args)
         # the recipe has no data of its own: it goes over the preset the data calls for
-        config = load_config(preset, _overrides(args), base=data_preset(args) if preset == "finetune" else None)
+        config = load_config(preset, overrides, base=data_preset(args) if preset == "finetune" else None)
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False))
             return 0
-        resume = None
-        if args.resume is not None:
-            resume = args.resume or config.run.output
-            ignored = [o.split("=")[0] for o in _overrides(args) if not o.startswith(("run.output=", "run.progress="))]
+        resume = args.resume
+        if resume is not None and resume != AUTO:
+            resume = resume or config.run.output
+            ignored = [key for key in (o.split("=", 1)[0] for o in overrides) if key not in RESUMABLE_KEYS]
             if ignored:
                 print(f"note: resuming uses the run's saved config; ignoring {', '.join(ignored)}", file=sys.stderr)
-        summary = train(config, resume=resume)
+        summary = train(config, resume=resume, overrides=overrides)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -143,7 +151,7 @@ def run_train(args: argparse.Namespace) -> int:
     val = summary["val"]
     print(f"done: {summary['model']}: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%, val loss {val['loss']:.4f} "
           f"({summary['val_images']} val images); {summary['skipped_files']} unreadable files skipped; "
-          f"run folder: {config.run.output if resume is None else resume}")
+          f"run folder: {config.run.output if resume in (None, AUTO) else resume}")
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
-from ..files import atomic_json_dump, atomic_write, path_label
+from ..files import atomic_json_dump, atomic_write, portable_path
 from .data import CocoDetection, collate
 from .inputs import PredictInputs, SkippingCollate, SkipUnloadable, palette
-from .model import build_detector
+from .model import build_detector, check_builder_kwargs
 from .training import DenseTrainConfig, load_task_model, train_dense_task
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,12 @@ def detection_loss(model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
 
 
 def train_detector(config: DetectTrainConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Train on a COCO-format dataset; writes ``last.pt`` (resumable) and ``model.pt`` into ``out_dir``.
+    """Train on a COCO-format dataset; writes training states (resumable) and ``model.pt`` into ``out_dir``.
 
     Returns ``{"losses": [...], "metrics": {...} (when a validation set is given), "checkpoint": path}``.
     Under torchrun each rank trains on its shard (DDP, gloo on CPU); rank 0 writes files and evaluates.
     """
+    check_builder_kwargs(config.backbone_mode, config.backbone_kwargs, config.arch, config.detector_kwargs)
     masks = config.arch == "mask_rcnn"
 
     @functools.cache  # read once, at the first validation
@@ -210,10 +211,29 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, batch_size: int 
     return metrics
 
 
+def draw_labels(picture: torch.Tensor, boxes: torch.Tensor, labels: Sequence[str],
+                colours: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    """Each label on a filled rectangle of its box's colour, above the box's top-left corner (inside the box when
+    there is no room above), in black or white, whichever contrasts more with the fill: readable where boxes and
+    masks overlap. ``picture``: uint8 ``(3, H, W)``; returns a new one."""
+    image = Image.fromarray(picture.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(11, min(image.size) // 40))
+    for box, text, colour in zip(boxes.tolist(), labels, colours, strict=True):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        width, height = right - left + 4, bottom - top + 4
+        x = min(max(int(box[0]), 0), max(image.width - width, 0))
+        y = int(box[1]) - height if int(box[1]) >= height else max(int(box[1]), 0)
+        draw.rectangle((x, y, x + width - 1, y + height - 1), fill=colour)
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        draw.text((x + 2 - left, y + 2 - top), text, font=font, fill=(0, 0, 0) if luminance > 128 else (255, 255, 255))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
 def draw_detections(image: torch.Tensor, detections: Mapping[str, torch.Tensor], class_names: Sequence[str],
                     score_threshold: float = 0.5) -> torch.Tensor:
     """A uint8 ``(3, H, W)`` picture with the detections above ``score_threshold``: masks, boxes and
-    ``"<class name> <score>"`` labels, one colour a class (the VOC colour map)."""
+    ``"<class name> <score>"`` labels (see :func:`draw_labels`), one colour a class (the VOC colour map)."""
     keep = detections["scores"] >= score_threshold
     picture = (image * 255).round().to(torch.uint8)
     table = palette(len(class_names))
@@ -223,7 +243,8 @@ def draw_detections(image: torch.Tensor, detections: Mapping[str, torch.Tensor],
     labels = [f"{class_names[int(label)]} {float(score):.2f}"
               for label, score in zip(detections["labels"][keep], detections["scores"][keep], strict=True)]
     if labels:
-        picture = draw_bounding_boxes(picture, detections["boxes"][keep], labels=labels, colors=colours, width=3)
+        picture = draw_bounding_boxes(picture, detections["boxes"][keep], colors=colours, width=3)
+        picture = draw_labels(picture, detections["boxes"][keep], labels, colours)
     return picture
 
 
@@ -254,8 +275,8 @@ def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], out_dir:
                                      strict=True):
             del entry["image_id"]
             entry.update(label=class_names[label], box_xyxy=box)
-        # portable records: the input by its last path components, the drawing relative to the output folder
-        records.append({"image": path_label(item.path), "output": target.relative_to(out_dir).as_posix(),
+        # portable records: the input as given (fcaformer.files.portable_path), the drawing relative to out_dir
+        records.append({"image": portable_path(str(item.path)), "output": target.relative_to(out_dir).as_posix(),
                         "height": item.image.shape[1], "width": item.image.shape[2], "detections": entries})
     atomic_json_dump(records + inputs.failed, out_dir / "predictions.json")
     return written

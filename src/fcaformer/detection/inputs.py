@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from ..files import path_label
+from ..files import portable_path
 from ..images import expand_image_inputs
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ class PredictInputs:
                 image = read_image(path)
             except SampleError as error:
                 self.logger.warning("skipping an image that cannot be read: %s", error)
-                self.failed.append({"image": path_label(path), "error": str(error)})
+                self.failed.append({"image": portable_path(str(path)), "error": str(error)})
                 continue
             yield PredictInput(path, stem, image)
         if self.failed and len(self.failed) == len(self.paths):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from ..models.hybrid import FcaFormer
+from ..train.config import check_known_keys
 from .backbone import DEFAULT_WINDOW, BackboneMode, MultiScaleBackbone, build_backbone, load_backbone_weights
 
 
@@ -139,3 +142,39 @@ def build_detector(arch: str, **kwargs: Any) -> FasterRCNN:
     if arch not in DETECTORS:
         raise ValueError(f"unknown detector {arch!r}; choose one of {sorted(DETECTORS)}")
     return DETECTORS[arch](**kwargs)
+
+
+def _parameters(function: Any, exclude: Sequence[str]) -> list[str]:
+    """Named parameters of ``function`` (no ``self``, ``*args``, ``**kwargs``) not in ``exclude``."""
+    return [p.name for p in inspect.signature(function).parameters.values()
+            if p.name not in ("self", *exclude) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+# set by ``detect train`` itself (its own options, the data), or by the builder
+_SET_BY_TRAIN = ("variant", "num_classes", "backbone_mode", "backbone_weights", "backbone_kwargs", "min_size",
+                 "max_size", "backbone", "image_mean", "image_std")
+
+
+def detector_options(arch: str) -> list[str]:
+    """The keys ``--detector-kwargs`` may set for ``arch``: the builder's (head widths, windows) and torchvision's
+    detector and input-transform options."""
+    detector = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
+    return sorted({*_parameters(DETECTORS[arch], _SET_BY_TRAIN), *_parameters(detector.__init__, _SET_BY_TRAIN),
+                   "size_divisible", "fixed_size"})  # torchvision passes these on to GeneralizedRCNNTransform
+
+
+def backbone_options(mode: str) -> list[str]:
+    """The keys ``--backbone-kwargs`` may set: the trunk's architecture options (``out_dims`` too in dense mode),
+    except what the mode and the task set."""
+    options = _parameters(FcaFormer.__init__, ("num_classes", "window_size", "in_chans"))
+    return sorted([*options, "out_dims"] if mode == "dense" else options)
+
+
+def check_builder_kwargs(backbone_mode: str, backbone_kwargs: Mapping[str, Any], arch: str | None = None,
+                         detector_kwargs: Mapping[str, Any] | None = None) -> None:
+    """A ``ValueError`` naming an unknown key of ``--backbone-kwargs`` (and, with ``arch``, of
+    ``--detector-kwargs``) and the valid ones, before any data is read: torchvision passes keys it does not know
+    to its input transform, which ignores them, so a typo would silently train the default."""
+    check_known_keys(backbone_kwargs, backbone_options(backbone_mode), "--backbone-kwargs")
+    if arch is not None:
+        check_known_keys(detector_kwargs or {}, detector_options(arch), "--detector-kwargs")

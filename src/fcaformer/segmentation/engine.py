@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm import tqdm
 
 from ..detection.inputs import PredictInputs, SampleError, palette
+from ..detection.model import check_builder_kwargs
 from ..detection.training import DenseTrainConfig, load_task_model, train_dense_task
-from ..files import atomic_json_dump, atomic_write, path_label, pyplot, save_figure
+from ..files import atomic_json_dump, atomic_write, portable_path, pyplot, save_figure
 from .data import IGNORE_INDEX, SegmentationFolder, normalize
 from .model import SIZE_DIVISOR, segment_logits, segmentor_trunk, upernet
 
@@ -71,11 +71,12 @@ def segmentation_loss(model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
 
 
 def train_segmentor(config: SegmentTrainConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Train UperNet on an ADE20K-format folder pair; writes ``last.pt`` (resumable) and ``model.pt``.
+    """Train UperNet on an ADE20K-format folder pair; writes training states (resumable) and ``model.pt``.
 
     Returns ``{"losses": [...], "metrics": {...} (with a validation set), "checkpoint": path}``. Under
     torchrun each rank trains on its shard (DDP; gloo on CPU); rank 0 writes files and evaluates.
     """
+    check_builder_kwargs(config.backbone_mode, config.backbone_kwargs)
     for side in config.crop_size:
         if side % SIZE_DIVISOR:
             raise ValueError(f"crop_size sides must be multiples of {SIZE_DIVISOR}, got {config.crop_size}")
@@ -115,8 +116,6 @@ def train_segmentor(config: SegmentTrainConfig, show_progress: bool = True) -> d
                     "slow (watch the rate in the progress bar). For a first run on a CPU, use a small model and "
                     f"input: --model fcaformer_l1 --crop-size {CPU_CROP} --base-size {CPU_CROP} --decoder-channels "
                     "128 --batch-size 4 (see docs/segmentation.md, 'On a CPU')") if heavy else None,
-        # the scale / crop / flip augmentations draw from Python's random, not torch's generator
-        seeders=(torch.manual_seed, np.random.seed, random.seed),
         show_progress=show_progress,
     )
 
@@ -191,7 +190,9 @@ def evaluate_segmentor(model: nn.Module, dataset: SegmentationFolder, mode: str 
     """mIoU, pixel accuracy and per-class IoU (see :func:`scores_from_confusion`) over ``dataset`` (whole
     images, label 255 ignored) from torchmetrics' multiclass confusion matrix, and ``images``: how many were
     evaluated. Pairs that fail to load are left out, logged and listed in ``skipped_when_loaded``."""
-    confusion = MulticlassConfusionMatrix(dataset.num_classes, ignore_index=IGNORE_INDEX)
+    # one process evaluates the whole set (under DDP training: rank 0 alone), so no gather across ranks: it would
+    # wait for ranks that are training on
+    confusion = MulticlassConfusionMatrix(dataset.num_classes, ignore_index=IGNORE_INDEX, sync_on_compute=False)
     failed: list[str] = []
     for index in tqdm(range(len(dataset)), desc="eval", disable=not show_progress, dynamic_ncols=True):
         try:
@@ -277,7 +278,7 @@ def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], out_dir:
         counts = torch.bincount(prediction.flatten(), minlength=num_classes)
         present = [int(c) for c in torch.nonzero(counts).flatten()]
         seen.update(present)
-        records.append({"image": path_label(item.path), "overlay": overlay_path.relative_to(out_dir).as_posix(),
+        records.append({"image": portable_path(str(item.path)), "overlay": overlay_path.relative_to(out_dir).as_posix(),
                         "labels": labels_path.relative_to(out_dir).as_posix(),
                         "class_fractions": {names[c]: round(float(counts[c]) / prediction.numel(), 6)
                                             for c in present}})

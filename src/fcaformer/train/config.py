@@ -9,6 +9,7 @@ dotted ``section.key=value`` strings (values parsed as YAML, so ``run.epochs=5``
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -129,6 +130,7 @@ class RunConfig:
     epochs: int = 10
     batch_size: int = 64
     seed: int = 0
+    # The run folder; "{data}" stands for the dataset's name (the last component of data.root, or data.dataset).
     output: str = "runs/default"
     device: str = "auto"
     threads: int = 0
@@ -143,6 +145,9 @@ class RunConfig:
     # 1,024 for runs shorter than 100 epochs, see fcaformer.train.precise_bn).
     precise_bn_images: int | None = None
     ckpt_every_steps: int = 0
+    # Also write the training state when this many minutes have passed since the last one (0: off): the work a
+    # fault can cost is bounded by time, however long an epoch is.
+    ckpt_every_minutes: float = 10.0
     keep_ckpts: int = 2
     tensorboard: bool = False
     progress: bool = True
@@ -188,6 +193,8 @@ class TrainConfig:
             (self.run.ckpt_every_epochs >= 1, f"run.ckpt_every_epochs={self.run.ckpt_every_epochs} must be >= 1"),
             (self.data.store_size is None or self.data.store_size >= self.data.img_size,
              f"data.store_size={self.data.store_size} must be >= data.img_size={self.data.img_size}"),
+            (self.run.ckpt_every_minutes >= 0,
+             f"run.ckpt_every_minutes={self.run.ckpt_every_minutes} must be >= 0 (0: off)"),
             (self.run.keep_ckpts >= 2, f"run.keep_ckpts={self.run.keep_ckpts} must be >= 2 (fallback needs one)"),
             (self.optim.lr > 0, f"optim.lr={self.optim.lr} must be > 0"),
             (self.model.pretrained is None or (isinstance(self.model.pretrained, str) and self.model.pretrained),
@@ -214,6 +221,43 @@ class TrainConfig:
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "packed")
 SECTIONS = {f.name: f.type for f in fields(TrainConfig)}
+RESUMABLE_KEYS = ("run.output", "run.epochs", "run.max_steps", "run.progress", "run.threads", "run.tensorboard",
+                  "run.log_every", "run.ckpt_every_steps", "run.ckpt_every_minutes", "run.ckpt_every_epochs",
+                  "run.keep_ckpts", "data.workers")
+"""Keys a resumed run may take from the command that resumes it: where and how long it runs, how it logs and
+checkpoints. Everything else is the run's own (its saved config), and a run folder holds one run."""
+
+
+def check_known_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
+    """``ConfigError`` naming the first of ``given`` that is not ``valid`` (with the closest valid one, if any)
+    and listing the valid ones."""
+    valid = sorted(valid)
+    for key in given:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown key {key} in {where}{hint}; valid keys: {', '.join(valid)}")
+
+
+def flat_config(config: TrainConfig) -> dict[str, Any]:
+    """``{"section.key": value}`` of a config (plain values, as saved)."""
+    return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
+
+
+def config_differences(a: TrainConfig, b: TrainConfig, ignore: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
+    """The ``section.key`` names whose values differ between two configs, except ``ignore``."""
+    flat_a, flat_b, skip = flat_config(a), flat_config(b), set(ignore)
+    return [key for key in flat_a if key not in skip and flat_a[key] != flat_b.get(key)]
+
+
+def data_name(data: DataConfig) -> str:
+    """What ``{data}`` in ``run.output`` stands for: the dataset root's name (a packed file's without its suffix),
+    or the dataset type when there is no root."""
+    if not data.root:
+        return data.dataset
+    path = Path(data.root)
+    name = (path.stem if path.suffix == ".npz" else path.name) or path.resolve().name
+    return name or data.dataset
 
 
 def _plain(value: Any) -> Any:
@@ -289,9 +333,8 @@ def apply_mapping(config: TrainConfig, mapping: Mapping[str, Any], source: str =
             raise ConfigError(f"section {section!r} in {source} must be a mapping")
         target = getattr(config, section)
         valid = _section_fields(section)
+        check_known_keys((f"{section}.{key}" for key in values), (f"{section}.{key}" for key in valid), source)
         for key, value in values.items():
-            if key not in valid:
-                raise ConfigError(f"unknown key {section}.{key} in {source}; valid keys: {sorted(valid)}")
             setattr(target, key, _coerce(section, key, value, getattr(target, key)))
     return config
 
@@ -334,6 +377,7 @@ def load_config(
             config.model.kwargs = {**config.model.kwargs, **values["kwargs"]}
         else:
             apply_mapping(config, mapping, f"override {text!r}")
+    config.run.output = config.run.output.replace("{data}", data_name(config.data))
     return config.validate()
 
 

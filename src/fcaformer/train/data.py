@@ -7,7 +7,7 @@ whatever the number of loader workers.
 
 from __future__ import annotations
 
-import random
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..images import is_image_name
 from .config import TrainConfig
+from .state import seed_everything
 
 DATA_SEED = 0  # fixes subsets and splits independently of the run seed, so every run sees the same data
 
@@ -72,9 +73,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
+            seed_everything(seed)
         try:
             img, label = self._open(index)
         except (OSError, UnidentifiedImageError) as error:  # the scan missed it (e.g. truncated data)
@@ -89,13 +88,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 class ResumableSampler(Sampler):
     """torch's ``DistributedSampler`` (shuffle and shard per epoch) that can start mid-epoch and yields
-    ``(index, seed)`` pairs for per-sample seeded augmentation."""
+    ``(index, seed)`` pairs for per-sample seeded augmentation.
+
+    Every rank gets the same number of samples (the ``n mod world_size`` left over are left out of that epoch,
+    never repeated). ``drop_last``: only full batches (else the last batch of an epoch may be smaller)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, drop_last: bool = True) -> None:
         self.inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                         drop_last=True)
         self.batch_size = batch_size
+        self.drop_last = drop_last
         self.seed = seed
         self.epoch = 0
         self.start_batch = 0
@@ -106,14 +109,39 @@ class ResumableSampler(Sampler):
         self.inner.set_epoch(epoch)
 
     def batches_per_epoch(self) -> int:
-        return len(self.inner) // self.batch_size
+        return (len(self.inner) // self.batch_size if self.drop_last
+                else math.ceil(len(self.inner) / self.batch_size))
+
+    def _samples(self) -> int:
+        return min(len(self.inner), self.batches_per_epoch() * self.batch_size)
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch() - self.start_batch) * self.batch_size
+        return max(0, self._samples() - self.start_batch * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(self.inner)[self.start_batch * self.batch_size : self.batches_per_epoch() * self.batch_size]
+        indices = list(self.inner)[self.start_batch * self.batch_size : self._samples()]
         return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in indices])
+
+    def batch_indices(self, batch: int) -> list[int]:
+        """The dataset indices of batch ``batch`` of the current epoch on this rank (for the sample log)."""
+        return list(self.inner)[batch * self.batch_size : min((batch + 1) * self.batch_size, self._samples())]
+
+
+class SeededSamples(Dataset):
+    """Any dataset indexed by :class:`ResumableSampler`'s ``(index, seed)`` pairs: each sample is loaded under its
+    seed (Python, NumPy and torch), so random augmentation is a pure function of the pair, whichever loader worker
+    runs it and whether the run was resumed."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        seed_everything(seed)
+        return self.dataset[index]
 
 
 def _is_readable(path: Path) -> bool:

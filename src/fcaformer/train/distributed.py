@@ -42,6 +42,22 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def join_process_group(backend: str) -> None:
+    """``init_process_group`` from torchrun's environment, with this worker group's keys kept apart from those of
+    the groups before it.
+
+    torchrun's workers share its agent's key-value store across ``--max-restarts`` restarts, and the keys a process
+    group publishes (gloo's listening addresses among them) outlive the workers that wrote them: a restarted group
+    could read a killed predecessor's address and fail (``Gloo connectFullMesh failed ... Connection refused``,
+    seen with torch 2.14; pytorch issue 167288 reports the same for NCCL). Each restart
+    (``TORCHELASTIC_RESTART_COUNT``) gets its own key prefix.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"fcaformer/restart{restart}", store), rank=rank,
+                            world_size=world_size)
+
+
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Join the process group when launched by ``torchrun`` (any number of processes, one included: the job then
     runs DDP exactly as it would on more), else run single-process."""
@@ -51,7 +67,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     device = resolve_device(device_name, local_rank)
     launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if launched and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        join_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world_size, local_rank, device, distributed=dist.is_available() and dist.is_initialized())
 
 
@@ -71,6 +87,25 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
+
+
+def decided_by_main(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank: for decisions only one clock may make (a checkpoint every T minutes)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item() > 0)
+
+
+def gather_values(values: list[float], device: torch.device) -> list[list[float]]:
+    """``values`` of every rank, indexed by rank (``[values]`` when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [list(values)]
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return [t.tolist() for t in gathered]
 
 
 def barrier() -> None:

@@ -7,11 +7,14 @@ uninterrupted run exactly (in deterministic mode, same hardware and thread count
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import re
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,17 @@ from ..profile import count_macs, count_params
 from ..weights.pretrained import load_pretrained
 from ..weights.project import save_model
 from ..weights.record import preprocessing_config
-from .config import ConfigError, TrainConfig, config_from_dict
+from .config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    TrainConfig,
+    apply_mapping,
+    check_known_keys,
+    config_differences,
+    config_from_dict,
+    flat_config,
+    parse_override,
+)
 from .data import (
     ImageDataset,
     ImageList,
@@ -46,11 +59,29 @@ from .data import (
 )
 from .datasets import load_image_lists
 from .device_data import DeviceAugment, DeviceEvalLoader, DeviceSplit, DeviceTrainLoader
-from .distributed import DistInfo, align_parameter_strides, all_true, barrier, init_distributed, mean_over_ranks
+from .distributed import (
+    DistInfo,
+    align_parameter_strides,
+    all_true,
+    barrier,
+    decided_by_main,
+    gather_values,
+    init_distributed,
+    mean_over_ranks,
+)
 from .evaluate import EvalResult, autocast, evaluate
+from .faults import fault_point, trace, tracing
 from .metrics import plot_confusion, plot_curves, write_jsonl
 from .precise_bn import calibration_indices, calibration_loader, calibration_size, recalibrate_batchnorm
-from .state import list_states, load_latest_state, rng_state, save_state, set_rng_state
+from .state import (
+    list_states,
+    load_agreed_state,
+    remove_partial_states,
+    rng_state,
+    save_state,
+    seed_everything,
+    set_rng_state,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,15 +98,48 @@ class Position:
     step: int = 0
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    import random
+@dataclass
+class EpochTally:
+    """This rank's running totals of the current epoch (kept in mid-epoch states, so that the record of an epoch
+    interrupted and resumed covers all of it): summed loss x images, images, seconds of training, and the
+    batches at which it was resumed."""
 
-    import numpy as np
+    loss_sum: float = 0.0
+    seen: int = 0
+    time_s: float = 0.0
+    resumed_at_batch: list[int] = field(default_factory=list)
+    partial_from_batch: int | None = None  # resumed from a state without the totals: they start here
 
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+
+_PROBE = "_fcaformer_probe"
+"""A keyword no constructor takes (see :func:`check_model_kwargs`)."""
+
+
+def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """``ConfigError`` for an unknown model or a ``model.kwargs`` key its constructor does not take, naming the key
+    and the valid ones, before any data is read.
+
+    Cheap: with an extra keyword that no constructor takes, construction stops when Python binds the arguments,
+    and the error names the first unknown one (the probe itself when the user's keys are all taken). A
+    constructor that takes ``**kwargs`` builds the model once and reports its own errors.
+    """
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ConfigError(f"unknown model {name!r} (model.name); e.g. {', '.join(close) or 'fcaformer_l1'}")
+    if not kwargs:
+        return
+    try:
+        timm.create_model(name, **kwargs, **{_PROBE: True})
+    except TypeError as error:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if unknown is None or unknown.group(1) == _PROBE:
+            return
+        # only on this error path: a default model shows the constructor's parameters
+        parameters = inspect.signature(type(timm.create_model(name)).__init__).parameters
+        valid = [p.name for p in parameters.values() if p.name != "self" and p.kind not in (p.VAR_KEYWORD,
+                                                                                             p.VAR_POSITIONAL)]
+        check_known_keys([unknown.group(1)], valid, f"model.kwargs of {name}")
+        raise ConfigError(f"model.kwargs of {name}: {error}") from error
 
 
 def model_kwargs(config: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -115,6 +179,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         seed_everything(run.seed + self.dist.rank)
+        check_model_kwargs(config.model.name, config.model.kwargs)
 
         train_list, val_list = load_image_lists(config.data, progress=config.run.progress and self.dist.is_main)
         self.class_names = train_list.class_names
@@ -197,6 +262,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
 
         self.pos = Position()
+        self.tally = EpochTally()
+        self.last_state_time = time.monotonic()
         self.history: list[dict[str, Any]] = []
         if resume_state is not None:
             self._load_state(resume_state)
@@ -240,8 +307,10 @@ class Trainer:
             calibration = DeviceSplit(self.train_set.images[chosen], self.train_set.labels[chosen])
             self.bn_loader = DeviceEvalLoader(calibration, run.batch_size, d.img_size, d.crop_pct, d.mean, d.std,
                                               rank=rank, world_size=world)
+            self.index_sampler = self.loader.sampler
             return
-        self.sampler = ResumableSampler(self.train_set, run.batch_size, rank=rank, world_size=world, seed=run.seed)
+        self.sampler = self.index_sampler = ResumableSampler(self.train_set, run.batch_size, rank=rank,
+                                                             world_size=world, seed=run.seed)
         self.loader = train_loader(self.train_set, self.sampler, run.batch_size, d.workers)
         self.val_loader = eval_loader(self.val_set, run.batch_size, d.workers, rank, world)
         self.bn_loader = calibration_loader(ImageDataset(train_list, self.val_set.transform), self.bn_images,
@@ -254,7 +323,7 @@ class Trainer:
         return images.contiguous(memory_format=torch.channels_last) if self.config.run.channels_last else images
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def _state(self) -> dict[str, Any]:
+    def _state(self, tallies: list[list[float]] | None) -> dict[str, Any]:
         return {
             "model_name": self.config.model.name,
             "model_kwargs": self.model_kwargs,
@@ -262,11 +331,14 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.pos.epoch,
             "batch": self.pos.batch,
             "step": self.pos.step,
+            # mid-epoch: every rank's totals of the epoch so far (rank r's at index r)
+            "epoch_tally": None if tallies is None else {
+                "loss_sum": [t[0] for t in tallies], "seen": [int(t[1]) for t in tallies],
+                "time_s": self.tally.time_s, "resumed_at_batch": self.tally.resumed_at_batch},
             "rng": rng_state(),
             "config": self.config.to_dict(),
             "class_names": self.class_names,
@@ -279,19 +351,41 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
+        # The schedule is the config's, not the state's (a resumed run may be given more epochs): the lr of the
+        # first resumed step is the one this schedule gives at this step.
+        self.scheduler.step_update(self.pos.step)
         self.history = list(state.get("history", []))
         self.pretrained = state.get("pretrained")
         set_rng_state(state["rng"])
+        tally = state.get("epoch_tally")
+        if self.pos.batch and tally and len(tally["loss_sum"]) == self.dist.world_size:
+            rank = self.dist.rank
+            self.tally = EpochTally(tally["loss_sum"][rank], tally["seen"][rank], tally["time_s"],
+                                    [*tally["resumed_at_batch"], self.pos.batch])
+        elif self.pos.batch:  # an older state, or another number of processes: the totals restart here
+            self.tally = EpochTally(partial_from_batch=self.pos.batch)
+
+    def position(self) -> int:
+        """Batches trained on since the start of the run (what the state files are named after)."""
+        return self.pos.epoch * self.batches_per_epoch + self.pos.batch
 
     def save_checkpoint(self) -> None:
-        """Training state after the current position (rank 0 writes; all ranks wait for it)."""
+        """Training state after the current position (rank 0 writes; all ranks take part and wait for it)."""
+        tallies = gather_values([self.tally.loss_sum, self.tally.seen], self.device) if self.pos.batch else None
         if self.dist.is_main:
-            position = self.pos.epoch * self.batches_per_epoch + self.pos.batch
-            save_state(self.out / "checkpoints", position, self._state(), keep=self.config.run.keep_ckpts)
+            save_state(self.out / "checkpoints", self.position(), self._state(tallies),
+                       keep=self.config.run.keep_ckpts)
+        self.last_state_time = time.monotonic()
         barrier()
+
+    def _time_for_state(self) -> bool:
+        """Whether ``run.ckpt_every_minutes`` have passed since the last state (rank 0's clock decides for all)."""
+        minutes = self.config.run.ckpt_every_minutes
+        if not minutes:
+            return False
+        return decided_by_main(time.monotonic() - self.last_state_time >= 60 * minutes, self.device)
 
     def eval_model(self) -> nn.Module:
         """The weights used for evaluation and export: the EMA when enabled."""
@@ -318,7 +412,8 @@ class Trainer:
         self.sampler.set_epoch(epoch, self.pos.batch)
         self.optimizer.zero_grad(set_to_none=not self.dist.distributed)
         pending: list[torch.Tensor] = []  # losses not yet checked: each check waits for the device
-        loss_sum, last_loss, seen, start = 0.0, float("nan"), 0, time.perf_counter()
+        tally = self.tally  # restored from a mid-epoch state, or zero
+        last_loss, start = float("nan"), time.perf_counter() - tally.time_s
         for index, (images, targets) in enumerate(self.loader, start=self.pos.batch):
             # One seed per batch (and rank): drop-path and Mixup draws are a function of the position.
             seed_everything(sample_seed(cfg.run.seed + 7_777 * self.dist.rank, epoch, index))
@@ -335,34 +430,51 @@ class Trainer:
                 pending.append(loss.detach())
                 if len(pending) >= cfg.run.log_every:  # every batch by default: before its backward
                     total, last_loss = self._check_losses(pending, epoch, index)
-                    loss_sum += total * len(images)
+                    tally.loss_sum += total * len(images)
                 self.scaler.scale(loss / accum).backward()
-            seen += len(images)
+            tally.seen += len(images)
             if sync:
                 self._optimizer_step()
                 self.pos.batch = index + 1
-                every = cfg.run.ckpt_every_steps
-                if every and self.pos.step % every == 0 and self.pos.batch < self.batches_per_epoch:
-                    if pending:
-                        loss_sum += self._check_losses(pending, epoch, index)[0] * len(images)
-                    self.save_checkpoint()
+            if tracing():
+                trace("batch", position=epoch * self.batches_per_epoch + index, epoch=epoch, batch=index,
+                      step=self.pos.step, samples=self.index_sampler.batch_indices(index))
+            if sync and self.pos.batch < self.batches_per_epoch and self._mid_epoch_state_due():
+                if pending:
+                    tally.loss_sum += self._check_losses(pending, epoch, index)[0] * len(images)
+                tally.time_s = time.perf_counter() - start
+                self.save_checkpoint()
             if bar is not None:
                 if not pending:
-                    rate = seen * self.dist.world_size / (time.perf_counter() - start)
+                    rate = tally.seen * self.dist.world_size / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{self._lr():.2e}",
                                     img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
             if cfg.run.max_steps is not None and self.pos.step >= cfg.run.max_steps:
                 break
         if pending:  # batches are full (drop_last), so every loss weighs len(images)
-            loss_sum += self._check_losses(pending, epoch, index)[0] * len(images)
+            tally.loss_sum += self._check_losses(pending, epoch, index)[0] * len(images)
         elapsed = time.perf_counter() - start
-        return {
-            "train_loss": mean_over_ranks(loss_sum / max(seen, 1), self.device),
+        record = {
+            "train_loss": mean_over_ranks(tally.loss_sum / max(tally.seen, 1), self.device),
             "lr": self._lr(),
             "epoch_time_s": elapsed,
-            "train_images_per_s": seen * self.dist.world_size / max(elapsed, 1e-9),
+            "train_images_per_s": tally.seen * self.dist.world_size / max(elapsed, 1e-9),
         }
+        if tally.resumed_at_batch:  # the totals cover the whole epoch; the time excludes the restarts
+            record["resumed_at_batch"] = tally.resumed_at_batch
+        if tally.partial_from_batch is not None:
+            record["partial_from_batch"] = tally.partial_from_batch  # loss, time and rate of these batches only
+        self.tally = EpochTally()
+        return record
+
+    def _mid_epoch_state_due(self) -> bool:
+        """A state after this optimizer step: every ``run.ckpt_every_steps`` steps, or when
+        ``run.ckpt_every_minutes`` have passed (checked when losses are, every ``run.log_every`` steps, where the
+        device is waited for anyway). The same answer on every rank."""
+        every, step = self.config.run.ckpt_every_steps, self.pos.step
+        return bool(every and step % every == 0) or (step % self.config.run.log_every == 0
+                                                    and self._time_for_state())
 
     def _lr(self) -> float:
         """The current lr of the head (with layer decay the earlier groups train at a fraction of it)."""
@@ -398,11 +510,15 @@ class Trainer:
             self.ema.update(self.model, step=self.pos.step)
 
     def _evaluate(self, progress: bool) -> EvalResult:
+        trace("eval", phase="start", position=self.position())
+        fault_point("eval")
         if self.bn_images:
             recalibrate_batchnorm(self.eval_model(), self.bn_loader, self.device, self.config.run.amp,
                                   self.config.run.channels_last)
-        return evaluate(self.eval_model(), self.val_loader, self.num_classes, self.device, self.config.run.amp,
-                        progress=progress, desc="val", channels_last=self.config.run.channels_last)
+        result = evaluate(self.eval_model(), self.val_loader, self.num_classes, self.device, self.config.run.amp,
+                          progress=progress, desc="val", channels_last=self.config.run.channels_last)
+        trace("eval", phase="end", position=self.position())
+        return result
 
     def fit(self) -> dict[str, Any]:
         """Train from the current position to the end, evaluating and checkpointing every epoch.
@@ -413,6 +529,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "config.yaml", lambda h: yaml.safe_dump(cfg.to_dict(), h, sort_keys=False),
                          binary=False)
+            remove_partial_states(self.out / "checkpoints")  # temporary files of writes a kill interrupted
+        trace("start", position=self.position(), step=self.pos.step, world_size=self.dist.world_size)
         show = cfg.run.progress and main
         stopped = False
         result: EvalResult | None = None
@@ -433,7 +551,7 @@ class Trainer:
             self.history.append(record)
             if not (stopped and self.pos.batch < self.batches_per_epoch):  # else: resumable mid-epoch
                 self.pos = Position(epoch + 1, 0, self.pos.step)
-            if last or (epoch + 1) % cfg.run.ckpt_every_epochs == 0:
+            if last or (epoch + 1) % cfg.run.ckpt_every_epochs == 0 or self._time_for_state():
                 self.save_checkpoint()
             if main:
                 write_jsonl(self.out / "metrics.jsonl", self.history)
@@ -491,22 +609,108 @@ class Trainer:
         return summary
 
 
-def resume_config(target: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """The saved config and state of the newest readable checkpoint of a run folder (or a state file)."""
-    state, path = load_latest_state(Path(target))
-    config = config_from_dict(state["config"])
-    if Path(target).is_dir():
-        config.run.output = str(Path(target))
-    return config, state
+AUTO = "auto"
+"""``resume=AUTO`` (``--resume auto``): continue the run folder's newest good state if it has one, else start."""
 
 
-def train(config: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train ``config`` (or resume the run in ``resume``, whose saved config wins) and return the summary."""
-    state = None
-    if resume is not None:
-        config, state = resume_config(resume)
-    trainer = Trainer(config, resume_state=state)
-    if math.isfinite(trainer.lr) and trainer.dist.is_main and config.run.progress:
+def _describe_changes(keys: list[str], run: TrainConfig, now: TrainConfig) -> str:
+    before, after = flat_config(run), flat_config(now)
+    shown = "; ".join(f"{key}: {before[key]!r} in the run, {after[key]!r} now" for key in keys[:3])
+    return shown + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _with_keys(config: TrainConfig, source: TrainConfig, keys: tuple[str, ...]) -> TrainConfig:
+    """``config`` with the values of ``keys`` taken from ``source``."""
+    values, mapping = flat_config(source), {}
+    for key in keys:
+        section, name = key.split(".")
+        mapping.setdefault(section, {})[name] = values[key]
+    return apply_mapping(config, mapping, "the resuming command").validate()
+
+
+def _start_fresh(config: TrainConfig, info: DistInfo) -> None:
+    """Check that ``config.run.output`` is free for a new run of ``config``: a folder holding a run of another
+    config is refused (two datasets must not share a run folder), one holding an earlier run of this config is
+    taken over (its training states removed, so that no later resume picks one of them up)."""
+    out = Path(config.run.output)
+    saved = out / "config.yaml"
+    if saved.is_file():
+        try:
+            previous = config_from_dict(yaml.safe_load(saved.read_text()) or {})
+        except (ConfigError, yaml.YAMLError) as error:
+            raise ConfigError(f"{out} holds another run ({saved} cannot be read as this version's config: "
+                              f"{error}); give another --output for this run, or delete the folder") from error
+        changed = config_differences(previous, config)
+        if changed:
+            raise ConfigError(f"{out} holds a run of another config ({_describe_changes(changed, previous, config)})"
+                              "; give another --output for this run, --resume auto to continue that one, or "
+                              "delete the folder")
+    old = list_states(out / "checkpoints")
+    if old and info.is_main:
+        tqdm.write(f"starting a new run in {out}: removing the {len(old)} training states of an earlier run of "
+                   "this config (--resume auto continues a run instead)")
+        for path in old:
+            path.unlink(missing_ok=True)
+    barrier()
+
+
+def train(config: TrainConfig, resume: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train and return the summary (also in ``results.json``).
+
+    ``resume``:
+
+    - ``None``: a new run of ``config`` in ``config.run.output`` (refused if the folder holds a run of another
+      config; an earlier run of the same config is replaced);
+    - ``"auto"`` (:data:`AUTO`): continue the run in ``config.run.output`` from its newest good state if it has
+      one, else start it, so that one command is right for the first start and for every restart (``torchrun
+      --max-restarts``). A state of another config is refused; the keys in
+      :data:`~fcaformer.train.config.RESUMABLE_KEYS` (epochs, logging, checkpointing) are taken from ``config``;
+    - a run folder or state file: continue that run with its saved config, of which the ``section.key=value``
+      ``overrides`` may change the resumable keys (others are ignored).
+
+    All ranks resume from the same state (rank 0 chooses it). The log says which state, epoch and step.
+    """
+    info = init_distributed(config.run.device)
+    check_model_kwargs(config.model.name, config.model.kwargs)  # before a state or the data is read
+    state, path = None, None
+    if resume == AUTO:
+        found = load_agreed_state(Path(config.run.output))
+        if found is None:
+            if info.is_main:
+                tqdm.write(f"--resume auto: no training state in {Path(config.run.output) / 'checkpoints'}; "
+                           "starting a new run")
+            _start_fresh(config, info)
+        else:
+            state, path = found
+            saved = config_from_dict(state["config"])
+            changed = config_differences(saved, config)
+            if changed:
+                raise ConfigError(f"--resume auto: the run in {config.run.output} has another config "
+                                  f"({_describe_changes(changed, saved, config)}); give the options it was started "
+                                  "with, or another --output for a new run")
+            config = _with_keys(saved, config, RESUMABLE_KEYS)
+    elif resume is not None:
+        found = load_agreed_state(Path(resume))
+        if found is None:
+            raise FileNotFoundError(f"nothing to resume: no state-*.pt checkpoint in {resume}")
+        state, path = found
+        config = config_from_dict(state["config"])
+        for text in overrides:
+            key = text.split("=", 1)[0].strip()
+            if key in RESUMABLE_KEYS and key != "run.output":
+                apply_mapping(config, parse_override(text), f"override {text!r}")
+        if Path(resume).is_dir():
+            config.run.output = str(Path(resume))
+        config.validate()
+    else:
+        _start_fresh(config, info)
+    trainer = Trainer(config, resume_state=state, dist=info)
+    if info.is_main and path is not None:
+        pos = trainer.pos
+        where = (f"epoch {pos.epoch + 1} of {config.run.epochs}, batch {pos.batch} of {trainer.batches_per_epoch}"
+                 if pos.epoch < config.run.epochs else f"the end of epoch {pos.epoch} of {config.run.epochs}")
+        tqdm.write(f"resumed from {path}: {where}, step {pos.step}")
+    if math.isfinite(trainer.lr) and info.is_main and config.run.progress:
         tqdm.write(f"{trainer.model_summary}; {len(trainer.train_set)} train / {len(trainer.val_set)} val images, "
                    f"{trainer.num_classes} classes; global batch {trainer.global_batch}, lr {trainer.lr:.2e} "
                    f"(optim.lr {config.optim.lr:g} for a batch of {config.optim.lr_base_batch})")
@@ -522,4 +726,4 @@ def train_or_resume(config: TrainConfig) -> dict[str, Any]:
     out = Path(config.run.output)
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())
-    return train(config, resume=out if list_states(out / "checkpoints") else None)
+    return train(config, resume=AUTO)
