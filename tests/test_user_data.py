@@ -249,3 +249,43 @@ def test_print_config_does_not_import_plotting_or_dataset_libraries() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_int8_with_a_minimum_agreement_hands_nncf_the_agreement_with_fp32(monkeypatch) -> None:
+    """The wiring of ``--min-agreement``: NNCF's accuracy control gets the allowed drop (1 - agreement), control
+    items labelled with the fp32 model's own top-1, and a metric under which the fp32 model scores 1 per item. (That
+    it reaches 99 % on a user-like set is measured by benchmarks/int8_calibration.py: docs/int8_calibration.md.)"""
+    nncf = pytest.importorskip("nncf")
+    from fcaformer.deploy import compile_openvino, inference_graph, quantize_openvino, to_openvino
+
+    model = timm.create_model("fcaformer_atto", num_classes=10).eval()
+    images = torch.randn(20, 3, 32, 32)
+    fp32 = to_openvino(inference_graph(model, "openvino", (32, 32)), (32, 32))
+    seen = {}
+
+    def accuracy_control(model, calibration, validation, metric, max_drop, drop_type, **options):
+        seen.update(calibration=list(calibration.get_data()), validation=list(validation.get_data()), metric=metric,
+                    max_drop=max_drop, drop_type=drop_type, options=options)
+        return model
+
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", accuracy_control)
+    quantize_openvino(fp32, images[:8], images[8:], min_agreement=0.99)
+    assert seen["max_drop"] == pytest.approx(0.01) and seen["drop_type"] == nncf.DropType.ABSOLUTE
+    assert len(seen["calibration"]) == 8 and len(seen["validation"]) == 12
+    compiled = compile_openvino(fp32)
+    labels = compiled(images[8:].numpy())[0].argmax(-1).tolist()
+    assert [label for _, label in seen["validation"]] == labels
+    assert seen["metric"](compiled, seen["validation"]) == (1.0, [1.0] * 12)
+    flipped = [(image, (label + 1) % 10) for image, label in seen["validation"]]
+    assert seen["metric"](compiled, flipped) == (0.0, [0.0] * 12)
+    with pytest.raises(ValueError, match="control images"):
+        quantize_openvino(fp32, images[:8], None, min_agreement=0.99)
+
+
+def test_min_agreement_options_are_checked(tmp_path: Path, capsys) -> None:
+    source = _atto_checkpoint(tmp_path / "model.pt")
+    base = ["export", "--checkpoint", str(source), "--calib", str(tmp_path), "-o", str(tmp_path / "m.xml")]
+    assert main([*base, "--format", "openvino", "--precision", "int8", "--min-agreement", "120"]) == 2
+    assert "percentage between 50 and 100" in capsys.readouterr().err
+    assert main([*base[:-2], "-o", str(tmp_path / "m.onnx"), "--format", "onnx", "--min-agreement", "99"]) == 2
+    assert "OpenVINO int8 exports only" in capsys.readouterr().err

@@ -229,11 +229,13 @@ def openvino_precision_supported(precision: str) -> bool:
 
 
 def to_openvino(graph: nn.Module, img_size: tuple[int, int], precision: str = "fp32",
-                calibration: torch.Tensor | None = None, dynamic_batch: bool = True) -> Any:
+                calibration: torch.Tensor | None = None, dynamic_batch: bool = True,
+                control: torch.Tensor | None = None, min_agreement: float | None = None) -> Any:
     """Convert an inference graph (see :func:`inference_graph`) to an ``openvino.Model``.
 
-    int8 quantizes with NNCF on ``calibration`` images (required); bf16 records the inference-precision hint in
-    the model (``runtime_options``), so a saved model compiles in bf16 where the CPU has it.
+    int8 quantizes with NNCF on ``calibration`` images (required; with ``min_agreement`` also ``control`` images,
+    see :func:`quantize_openvino`); bf16 records the inference-precision hint in the model (``runtime_options``),
+    so a saved model compiles in bf16 where the CPU has it.
     """
     ov = require("openvino")
     check_precision("openvino", precision)
@@ -243,7 +245,7 @@ def to_openvino(graph: nn.Module, img_size: tuple[int, int], precision: str = "f
         model = ov.convert_model(graph, example_input=example,
                                  input=[(-1 if dynamic_batch else 1, 3, *img_size)])
     if precision == "int8":
-        model = quantize_openvino(model, _require_calibration(calibration))
+        model = quantize_openvino(model, _require_calibration(calibration), control, min_agreement)
     elif precision == "bf16":
         model.set_rt_info("bf16", ["runtime_options", "INFERENCE_PRECISION_HINT"])
     return model
@@ -259,17 +261,30 @@ def _nncf() -> Any:
     return nncf
 
 
-def _nncf_quantize(model: Any, samples: list[Any], activation_matmuls: list[str]) -> Any:
+def _nncf_options(samples: list[Any], activation_matmuls: list[str]) -> dict[str, Any]:
     """NNCF post-training int8 quantization (the transformer preset, for every model alike), leaving the
     products of two activations (attention's ``q k^T`` and ``attn v``) in fp32: in int8 they were no faster on
     the AVX2 machine measured, and they carry the softmax's dynamic range. Weight products are quantized."""
     nncf = _nncf()
-    return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=len(samples), ignored_scope=nncf.IgnoredScope(names=activation_matmuls))
+    return dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
+                ignored_scope=nncf.IgnoredScope(names=activation_matmuls))
 
 
-def quantize_openvino(model: Any, calibration: torch.Tensor) -> Any:
-    """int8 ``openvino.Model`` by NNCF (see :func:`_nncf_quantize`), calibrated on ``calibration`` images."""
+def _nncf_quantize(model: Any, samples: list[Any], activation_matmuls: list[str]) -> Any:
+    """:func:`_nncf_options` quantization on ``samples``."""
+    nncf = _nncf()
+    return nncf.quantize(model, nncf.Dataset(samples), **_nncf_options(samples, activation_matmuls))
+
+
+def quantize_openvino(model: Any, calibration: torch.Tensor, control: torch.Tensor | None = None,
+                      min_agreement: float | None = None) -> Any:
+    """int8 ``openvino.Model`` by NNCF (see :func:`_nncf_options`), calibrated on ``calibration`` images.
+
+    With ``min_agreement`` (a fraction, e.g. 0.99) and ``control`` images (others than the calibration images),
+    NNCF's accuracy control then gives layers back to fp32, the most sensitive first, until the int8 model's top-1
+    agrees with the fp32 model's on at least that share of the control images. On weakly trained or low-resolution
+    models, whose predictions are often near ties, plain int8 can flip more than 1 % of them.
+    """
 
     def constant(output: Any) -> bool:  # a weight, possibly behind a Convert
         node = output.get_node()
@@ -278,7 +293,23 @@ def quantize_openvino(model: Any, calibration: torch.Tensor) -> Any:
 
     names = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
              and not any(constant(op.input_value(i)) for i in range(2))]
-    return _nncf_quantize(model, [calibration[i : i + 1].numpy() for i in range(len(calibration))], names)
+    samples = [calibration[i : i + 1].numpy() for i in range(len(calibration))]
+    if min_agreement is None:
+        return _nncf_quantize(model, samples, names)
+    if control is None or not len(control):
+        raise ValueError("min_agreement needs control images (others than the calibration images)")
+    nncf = _nncf()
+    fp32 = compile_openvino(model)
+    items = [(control[i : i + 1].numpy(), int(np.argmax(fp32(control[i : i + 1].numpy())[0]))) for i in
+             range(len(control))]
+
+    def agreement(compiled: Any, data: Any) -> tuple[float, list[float]]:  # per item too: NNCF ranks with them
+        hits = [float(np.argmax(compiled(image)[0]) == label) for image, label in data]
+        return float(np.mean(hits)), hits
+
+    return nncf.quantize_with_accuracy_control(
+        model, nncf.Dataset(samples), nncf.Dataset(items, lambda item: item[0]), agreement,
+        max_drop=1.0 - min_agreement, drop_type=nncf.DropType.ABSOLUTE, **_nncf_options(samples, names))
 
 
 def compile_openvino(model: Any, threads: int | None = None, precision: str = "fp32", batch_size: int | None = None,

@@ -155,6 +155,16 @@ def export_metadata(data_config: Mapping[str, Any], img_size: tuple[int, int],
     }
 
 
+def check_export_options(format: str, precision: str, min_agreement: float | None = None) -> None:
+    """``ValueError`` (one line) for a precision the format does not take, or a minimum agreement outside an
+    OpenVINO int8 export."""
+    allowed = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}.get(format, ("fp32",))
+    if precision not in allowed:
+        raise ValueError(f"{format} exports take precision {' or '.join(allowed)}, got {precision!r}")
+    if min_agreement is not None and (format, precision) != ("openvino", "int8"):
+        raise ValueError("a minimum agreement (--min-agreement) applies to OpenVINO int8 exports only")
+
+
 def export_model(
     model: nn.Module,
     path: str | os.PathLike,
@@ -169,6 +179,8 @@ def export_model(
     calibration: torch.Tensor | None = None,
     check_images: torch.Tensor | None = None,
     metadata: Mapping[str, Any] | None = None,
+    control_images: torch.Tensor | None = None,
+    min_agreement: float | None = None,
 ) -> ExportResult:
     """Export ``model`` (eval mode, as its inference form unless ``fuse=False``) and optionally check the result.
 
@@ -191,6 +203,9 @@ def export_model(
             check: relative error and top-1 agreement with PyTorch fp32.
         metadata: stored in the file as JSON under :data:`METADATA_KEY` (class names, preprocessing: see
             :func:`export_metadata`).
+        control_images, min_agreement: OpenVINO int8: layers go back to fp32, the most sensitive first, until the
+            top-1 agreement with fp32 on ``control_images`` (others than the calibration and check images) is at
+            least ``min_agreement`` (a fraction; :func:`fcaformer.deploy.quantize_openvino`).
 
     Raises:
         ValueError: on an unknown format or precision, a bad size or suffix, or int8 without calibration.
@@ -203,9 +218,7 @@ def export_model(
         raise ValueError(f"img_size must be one or two sizes >= 32, got {img_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    allowed = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}.get(format, ("fp32",))
-    if precision not in allowed:
-        raise ValueError(f"{format} exports take precision {' or '.join(allowed)}, got {precision!r}")
+    check_export_options(format, precision, min_agreement)
     if precision == "int8" and (calibration is None or len(calibration) == 0):
         raise ValueError("int8 export needs calibration images: pass a folder of real images (--calib DIR)")
     path = Path(path)
@@ -231,7 +244,7 @@ def export_model(
             session = OnnxRunner(data, precision=precision).session
             outputs = lambda x: run_onnx(session, x)  # noqa: E731
     elif format == "openvino":
-        graph = to_openvino(model, size, precision, calibration, dynamic_batch)
+        graph = to_openvino(model, size, precision, calibration, dynamic_batch, control_images, min_agreement)
         if metadata:
             graph.set_rt_info(json.dumps(metadata), [METADATA_KEY])
         save_openvino(graph, path)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..export import EXPORT_FORMATS, SUFFIXES
@@ -42,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "images of --calib not used for calibration")
     parser.add_argument("--check-images", type=int, default=100, metavar="N",
                         help="images drawn for the check, class-balanced at random (default 100)")
+    parser.add_argument("--min-agreement", type=float, metavar="PERCENT",
+                        help="OpenVINO int8: give layers back to fp32, the most sensitive first, until the top-1 "
+                             "agreement with fp32 on --control-images other images of --calib is at least this "
+                             "(e.g. 99); slower (minutes)")
+    parser.add_argument("--control-images", type=int, default=500, metavar="N",
+                        help="with --min-agreement: images of --calib for it, apart from calibration and check "
+                             "(default 500)")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="PX",
                         help="input size: one value (square) or H W (default: the checkpoint's, else 224)")
     parser.add_argument("--output", "-o", help="output file (default here: <model>_<H>x<W>[_<precision>].<suffix>, "
@@ -103,21 +111,33 @@ def load_source(args: argparse.Namespace) -> ExportSource:
                         {"model": record.architecture, "source": record.label, "source_kind": record.kind})
 
 
-def _real_images(args: argparse.Namespace, source: ExportSource, size: tuple[int, int]) -> tuple[Any, Any]:
-    """(calibration images, check images): disjoint class-balanced random samples of ``--calib`` (the check from
-    ``--check`` when given), preprocessed as the model expects; ``None`` for what is not asked for."""
+@dataclass
+class RealImages:
+    """Preprocessed real images of an export, disjoint: to calibrate on, to control int8 with (``--min-agreement``)
+    and to check the export on; ``None`` for what is not asked for."""
+
+    calibration: torch.Tensor | None = None
+    control: torch.Tensor | None = None
+    check: torch.Tensor | None = None
+
+
+def _real_images(args: argparse.Namespace, source: ExportSource, size: tuple[int, int]) -> RealImages:
+    """Class-balanced random samples of ``--calib`` (the check from ``--check`` when given), preprocessed as the
+    model expects. The control images, when asked for, are the calibration sample's continuation."""
     if not args.calib and not args.check:
-        return None, None
+        return RealImages()
     from ..deploy import calibration_and_check_images, eval_transform, list_images, load_images
 
-    if args.calib:
-        calibration_files, check_files = calibration_and_check_images(
-            args.calib, args.calib_images, args.check_images, check_root=args.check)
-    else:
-        calibration_files, check_files = [], list_images(args.check, limit=args.check_images)
     transform = eval_transform(_data_config(source), size)
-    calibration = load_images(calibration_files, transform) if args.precision == "int8" and calibration_files else None
-    return calibration, load_images(check_files, transform) if check_files else None
+    load = lambda files: load_images(files, transform) if files else None  # noqa: E731
+    if not args.calib:
+        return RealImages(check=load(list_images(args.check, limit=args.check_images)))
+    control = args.control_images if args.min_agreement is not None else 0
+    first, check_files = calibration_and_check_images(args.calib, args.calib_images + control, args.check_images,
+                                                      check_root=args.check)
+    calibration_files = first[: max(1, round(len(first) * args.calib_images / (args.calib_images + control)))]
+    return RealImages(load(calibration_files) if args.precision == "int8" else None,
+                      load(first[len(calibration_files):]) if control else None, load(check_files))
 
 
 def _data_config(source: ExportSource) -> dict[str, Any]:
@@ -135,12 +155,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..export import export_metadata, export_model
+    from ..export import check_export_options, export_metadata, export_model
 
     if args.img_size is not None and len(args.img_size) not in (1, 2):
         raise SystemExit(f"--img-size takes one value or two (H W), got {args.img_size}")
     if args.precision == "int8" and not args.calib:
         raise ValueError("--precision int8 needs --calib DIR: a folder of real images to calibrate on")
+    if args.min_agreement is not None and not 50 <= args.min_agreement <= 100:
+        raise ValueError(f"--min-agreement is a percentage between 50 and 100, got {args.min_agreement}")
+    check_export_options(args.format, args.precision, args.min_agreement)
     source = load_source(args)
     pixels = args.img_size or [int((source.data_config or {}).get("img_size", 224))]
     size = (pixels[0],) * 2 if len(pixels) == 1 else tuple(pixels)
@@ -148,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
     output = Path(args.output or f"{source.name}_{size[0]}x{size[1]}{suffix}{SUFFIXES[args.format]}")
     if args.format == "exported-program" and output.suffix != ".pt2":
         raise SystemExit(f"exported programs must be saved as .pt2 (torch.export.load needs it), got {output}")
-    calibration, check_images = _real_images(args, source, size)
+    images = _real_images(args, source, size)
     metadata = export_metadata(_data_config(source), size, source.class_names, source.record)
     form = "faithful path" if args.no_fuse else "inference form"
     print(f"exporting {source.name} ({form}, {args.precision}) at {size[0]}x{size[1]} to {output} ...",
@@ -156,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
     result = export_model(
         source.model, output, args.format, img_size=size, batch_size=args.batch_size,
         dynamic_batch=not args.static_batch, fuse=not args.no_fuse, check=not args.no_check, opset=args.opset,
-        precision=args.precision, calibration=calibration, check_images=check_images, metadata=metadata,
+        precision=args.precision, calibration=images.calibration, check_images=images.check, metadata=metadata,
+        control_images=images.control, min_agreement=None if args.min_agreement is None else args.min_agreement / 100,
     )
     batch = "dynamic" if result.dynamic_batch else f"fixed {result.input_shape[0]}"
     print(f"wrote {result.path} ({result.format} {result.precision}; batch {batch}, spatial size fixed at "
