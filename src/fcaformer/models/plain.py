@@ -169,8 +169,7 @@ class FcaFormerPlain(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks.blocks), indices)
-        self.blocks.blocks = self.blocks.blocks[: max_index + 1]
+        take_indices = self.blocks.prune_blocks(indices)
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
