@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..fast import fast_attention_modules, set_fast_attention
 from ..io import atomic_json_dump, atomic_write, relative_path, save_model
+from ..models.any_vit import FCA_ENTRY, add_forward_cross_attention, split_switches
 from ..models.names import describe_model
 from ..pretrained import load_pretrained, preprocessing_config
 from ..profile import count_macs, count_params
@@ -49,6 +50,9 @@ from .evaluate import EvalResult, autocast, evaluate
 from .metrics import plot_confusion, plot_curves, write_jsonl
 from .precise_bn import calibration_indices, calibration_loader, calibration_size, recalibrate_batchnorm
 from .state import list_states, load_latest_state, rng_state, save_state, set_rng_state
+
+CALIBRATION_IMAGES = 128
+"""Training images whose statistics the enhance BatchNorms of a converted pretrained model start from."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,16 +86,22 @@ def model_kwargs(config: TrainConfig, num_classes: int) -> dict[str, Any]:
 
 
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    """``timm.create_model`` of the configured network; returns it and its recorded kwargs."""
+    """``timm.create_model`` of the configured network; returns it and its recorded kwargs.
+
+    With ``model.forward_cross_attention`` this is the network before the conversion: the conversion's switches
+    among ``model.kwargs`` stay in the recorded kwargs but are not passed to timm.
+    """
     import fcaformer  # noqa: F401  (registers the FcaFormer models with timm)
 
     kwargs = model_kwargs(config, num_classes)
+    create_kwargs = split_switches(kwargs)[1] if config.model.forward_cross_attention else dict(kwargs)
     extra = {"drop_path_rate": config.model.drop_path_rate} if config.model.drop_path_rate else {}
     try:
-        model = timm.create_model(config.model.name, **kwargs, **extra)
+        model = timm.create_model(config.model.name, **create_kwargs, **extra)
     except TypeError:  # timm models without img_size (e.g. plain CNNs)
         kwargs.pop("img_size")
-        model = timm.create_model(config.model.name, **kwargs, **extra)
+        create_kwargs.pop("img_size")
+        model = timm.create_model(config.model.name, **create_kwargs, **extra)
     return model, kwargs
 
 
@@ -124,10 +134,9 @@ class Trainer:
         self.train_set, self.val_set = self._datasets(train_list, val_list)
 
         self.model, self.model_kwargs = build_model(config, self.num_classes)
-        self.params = count_params(self.model)
-        self.macs = count_macs(self.model, (1, 3, config.data.img_size, config.data.img_size))
+        self.model_name = config.model.name
         # what was really built (model.name with kwargs may be another variant), for logs, plots and results
-        self.model_label = describe_model(config.model.name, self.model_kwargs)
+        self.model_label = describe_model(self.model_name, self.model_kwargs)
         # Fine-tuning starts from pretrained weights; a resumed run takes its weights (and this report) from its
         # training state instead.
         self.pretrained: dict[str, Any] | None = None
@@ -137,6 +146,10 @@ class Trainer:
             self.pretrained = report.to_dict()
             if self.dist.is_main:
                 tqdm.write(report.summary())
+        if config.model.forward_cross_attention:
+            self._add_forward_cross_attention(train_list)
+        self.params = count_params(self.model)
+        self.macs = count_macs(self.model, (1, 3, config.data.img_size, config.data.img_size))
         if config.model.freeze_backbone:  # a linear probe: only the classifier trains
             self.model.requires_grad_(False)
             self.model.get_classifier().requires_grad_(True)
@@ -209,6 +222,27 @@ class Trainer:
                                   "pip install 'fcaformer[tensorboard]'") from error
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
+    def _add_forward_cross_attention(self, train_list: ImageList) -> None:
+        """Convert the built (and pretrained) network; checkpoints then name it ``fca_any`` with ``base``.
+
+        Pretrained weights are kept (``init="keep"``) and the enhance BatchNorms calibrated on
+        :data:`CALIBRATION_IMAGES` training images under the eval transform; otherwise the new parts get
+        ``fcaformer_l0``'s from-scratch initialisation (a switch ``init`` in ``model.kwargs`` overrides either).
+        """
+        switches = split_switches(self.model_kwargs)[0]
+        switches.setdefault("init", "keep" if self.pretrained else "scratch")
+        images = None
+        if switches["init"] == "keep":
+            dataset = ImageDataset(train_list, build_transforms(self.config)[1])
+            loader = calibration_loader(dataset, CALIBRATION_IMAGES, CALIBRATION_IMAGES, 0, self.config.run.seed)
+            images = next(iter(loader))[0]
+        try:
+            self.model = add_forward_cross_attention(self.model, calibration_images=images, **switches)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.forward_cross_attention with {self.model_label}: {error}") from error
+        self.model_name, self.model_kwargs = FCA_ENTRY, {"base": self.model_name, **self.model_kwargs}
+        self.model_label = describe_model(self.model_name, self.model_kwargs)
+
     # ---------------------------------------------------------------------------------------------- data
     def _datasets(self, train_list: ImageList, val_list: ImageList) -> tuple[Any, Any]:
         """Worker-path datasets (PIL + timm transforms), or the splits decoded onto the device."""
@@ -255,7 +289,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
         return {
-            "model_name": self.config.model.name,
+            "model_name": self.model_name,
             "model_kwargs": self.model_kwargs,
             "model_label": self.model_label,
             "model": self.model.state_dict(),
@@ -301,7 +335,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         return save_model(
-            self.out / "model.pt", self.eval_model(), self.config.model.name, self.model_kwargs,
+            self.out / "model.pt", self.eval_model(), self.model_name, self.model_kwargs,
             class_names=self.class_names,
             data_config=preprocessing_config(asdict(self.config.data)),
             metrics=metrics or {}, train_config=self.config.to_dict(), macs=self.macs, pretrained=self.pretrained,
@@ -457,7 +491,7 @@ class Trainer:
         epoch_times = [h["epoch_time_s"] for h in self.history]
         summary = {
             "model": self.model_label,
-            "model_name": self.config.model.name,
+            "model_name": self.model_name,
             "model_kwargs": self.model_kwargs,
             "params": self.params,
             "macs": self.macs,
