@@ -20,6 +20,7 @@ every one of them receives a gradient that AdamW turns into full-size steps.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -53,7 +54,7 @@ __all__ = [
     "FcaVisionTransformer",
     "SwinWindows",
     "add_forward_cross_attention",
-    "calibrate_enhance_",
+    "calibrate_",
     "split_switches",
 ]
 
@@ -64,9 +65,19 @@ SWITCHES: tuple[str, ...] = ("cab_max_d", "cross_attention", "lsf", "enhance", "
 """Keyword arguments of :func:`add_forward_cross_attention` that :func:`fca_any` takes apart from the base's."""
 
 CLOSED_CROSS_BIAS = -8.0
-"""Initial cross-token bias of a converted model (``init="keep"``). ``exp(-8)`` puts ~3e-4 of a query's
-attention on a cross token that looks like an average regular one: the logits stay within ~1e-4 of the
-original's, while the gradients of the new parts stay far above AdamW's ``eps`` (measured in ``docs/any_vit.md``)."""
+"""How closed a converted model's cross tokens start (``init="keep"``): together they get at most ``exp(-8)`` of the
+attention a query gives its own tokens. Each of a block's ``M`` cross-token biases starts at ``-8 - log(M)``, and
+:func:`calibrate_` lowers (or raises) it by how much the most eager query of the calibration images preferred its
+cross token to all its own tokens. The logits then stay within ~2e-4 of the original's, while the new parts'
+gradients stay above AdamW's ``eps`` (measured in ``docs/any_vit.md``)."""
+
+CALIBRATION_CHUNK = 64
+"""Images per forward pass of :func:`calibrate_` (its attention maps are kept one chunk at a time)."""
+
+CROSS_DEVIATION_SCALE = 0.5
+"""With ``init="keep"``, the cross-token LayerNorm's weight is ``norm1``'s times this: a cross token starts as the
+block's mean token plus half of its own normalised deviation. Full deviation (1) changes the logits by up to
+1e-3 through the cross tokens' values; less (0.1) starves the merge of gradient (``docs/any_vit.md``)."""
 
 Init = Literal["keep", "scratch"]
 
@@ -114,11 +125,14 @@ def _block_state(norm1: nn.LayerNorm, attn: nn.Module, norm2: nn.LayerNorm, mlp:
 def _init_new_parts(block: FcaBlock, init: Init, cross_bias_init: float) -> None:
     """Initialise what the conversion added to ``block`` (everything but the timm block's own weights).
 
-    ``"scratch"`` is ``fcaformer_l0``'s from-scratch initialisation. ``"keep"`` keeps the function: the cross tokens
-    are local averages (depthwise 7x7 merge of 1/49 per tap) normalised like the block's own tokens (``norm_cross``
-    copies ``norm1``), so they are keys and values the trained projections understand; the cross-token bias is
-    ``cross_bias_init`` (closed, but not shut); the enhance conv is the identity (centre tap 1, BatchNorm scaled by
-    ``sqrt(1 + eps)`` so that it returns its input exactly in eval mode); LSFs 1.
+    ``"scratch"`` is ``fcaformer_l0``'s from-scratch initialisation. ``"keep"`` keeps the function (see
+    ``docs/any_vit.md``): the cross tokens start as (nearly) the block's *mean token* (``norm_cross``: norm1's bias,
+    norm1's weight times :data:`CROSS_DEVIATION_SCALE`; :func:`calibrate_` sets the bias to the mean normalised
+    token on real images), whose key is the mean key, so that no query can prefer a cross token to its own tokens;
+    the cross-token biases are ``cross_bias_init - log(M)`` (closed, but not shut); the merge is a 7x7 average; the
+    enhance conv
+    is the identity (centre tap 1, BatchNorm scaled by ``sqrt(1 + eps)`` so that it returns its input exactly in
+    eval mode); LSFs 1.
     """
     for conv in (block.merge, block.enhance.conv if isinstance(block.enhance, ConvBN) else None):
         if conv is not None:
@@ -128,9 +142,11 @@ def _init_new_parts(block: FcaBlock, init: Init, cross_bias_init: float) -> None
     if block.merge is not None:
         block.merge.weight.fill_(1.0 / block.merge.weight[0].numel())
     if block.norm_cross is not None:
-        block.norm_cross.load_state_dict(block.norm1.state_dict())
+        block.norm_cross.weight.copy_(block.norm1.weight * CROSS_DEVIATION_SCALE)
+        block.norm_cross.bias.copy_(block.norm1.bias)
     if block.attn.cross_bias is not None:
-        block.attn.cross_bias.fill_(cross_bias_init)
+        # spread over the block's M cross tokens: together they start like one token with bias cross_bias_init
+        block.attn.cross_bias.fill_(cross_bias_init - math.log(block.attn.cross_bias.shape[-1]))
     if isinstance(block.enhance, ConvBN):
         conv, bn = block.enhance.conv, block.enhance.bn
         conv.weight.zero_()
@@ -147,41 +163,96 @@ def _load_block(block: FcaBlock, state: dict[str, torch.Tensor], init: Init, cro
         raise RuntimeError(f"no place for {unexpected} in the Fca block")
 
 
-@torch.no_grad()
-def calibrate_enhance_(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    """Give every TME enhance BatchNorm of a converted model the statistics of its input on ``images`` (in place).
+def _calibration_pass(model: nn.Module, blocks: list[FcaBlock], images: torch.Tensor,
+                      hooks: list[tuple[nn.Module, Any]]) -> dict[int, torch.Tensor]:
+    """Run ``images`` through ``model`` in eval mode, with forward ``hooks`` registered and the cross tokens shut
+    out (their attention removed from every map before it is used, so the pass computes the original model).
 
-    An identity-initialised enhance returns its input exactly in eval mode, but in training mode its BatchNorm
-    standardises every channel with the batch statistics, which would change a trained model at the first
-    training step. With running statistics ``(mean, var)`` measured here, weight ``sqrt(var + eps)`` and bias
-    ``mean``, it is the identity in eval mode and (up to the batch's deviation from ``images``) in training mode.
-    Run it on a batch of training images (64 to 256 images) before fine-tuning.
+    Returns, per index of a block with cross tokens, the most that any query preferred each cross token to all the
+    block's own tokens together, ``log p_cross - log p_own`` at bias 0: ``(heads, M)``.
     """
-    convs = [m for m in model.modules() if isinstance(m, FcaBlock) and isinstance(m.enhance, ConvBN)]
-    stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    preference: dict[int, torch.Tensor] = {}
 
-    def record(index: int):
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].double()
-            stats[index] = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    def shut(index: int, cross: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], probs: torch.Tensor) -> torch.Tensor:
+            own = probs[..., :-cross].sum(-1, keepdim=True)
+            best = (probs[..., -cross:].log() - own.log()).amax((0, 2))
+            preference[index] = best if index not in preference else torch.maximum(preference[index], best)
+            return torch.cat((probs[..., :-cross] / own, torch.zeros_like(probs[..., -cross:])), -1)
         return hook
 
-    handles = [block.enhance.register_forward_pre_hook(record(i)) for i, block in enumerate(convs)]
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    biases = {i: b.attn.cross_bias for i, b in enumerate(blocks) if b.attn.cross_bias is not None}
+    saved = {i: bias.clone() for i, bias in biases.items()}
+    handles += [blocks[i].attn.attn_probe.register_forward_hook(shut(i, bias.shape[-1])) for i, bias in biases.items()]
     was_training = model.training
     try:
+        for bias in biases.values():
+            bias.zero_()
         model.eval()
-        model(images)
+        for chunk in images.split(CALIBRATION_CHUNK):
+            model(chunk)
     finally:
         for handle in handles:
             handle.remove()
+        for i, bias in biases.items():
+            bias.copy_(saved[i])
         model.train(was_training)
-    for i, block in enumerate(convs):
-        mean, var = stats[i]
-        bn = block.enhance.bn
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
-        bn.weight.copy_((var + bn.eps).sqrt())
-        bn.bias.copy_(mean)
+    return preference
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Fit the identity-initialised new parts of a converted model to real ``images`` (in place; returns it).
+
+    One forward pass in eval mode that computes the original model (the cross tokens' attention is measured, then
+    removed from every attention map before it is used):
+
+    - every cross-token LayerNorm takes as bias the block's mean normalised token (``norm1``'s output averaged
+      over the images and tokens);
+    - every cross-token bias ``b``, per head and cross token, becomes ``b - p`` (at most 0), where ``p`` is the most
+      that any query of ``images`` preferred that cross token to all the block's own tokens together
+      (``log p_cross - log p_own`` at bias 0): no query of ``images`` then gives that cross token more than
+      ``exp(b)`` of the attention its own tokens get, and a token no query cares for is opened up to that bound;
+    - every TME enhance BatchNorm takes the mean and variance of its input as running statistics, weight
+      ``sqrt(var + eps)`` and bias ``mean``: still the identity in eval mode, and now also in training mode (up to
+      the batch's deviation from these statistics), where an uncalibrated BatchNorm would standardise every
+      channel with the batch statistics and change the model at its first training step.
+
+    Run it on a batch of training images (64 to 256, normalised as the model expects) before fine-tuning.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, FcaBlock)]
+    sums: dict[tuple[str, int], list[torch.Tensor]] = {}  # (sum, sum of squares, count) per statistic
+
+    def record(kind: str, index: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            # channels of the enhance input (B, C, H, W) and of norm1's output (B, N, C)
+            x = args[0].movedim(1, -1) if kind == "enhance" else out
+            x = x.double().reshape(-1, x.shape[-1])
+            parts = [x.sum(0), x.square().sum(0), x.new_tensor(x.shape[0])]
+            key = (kind, index)
+            sums[key] = parts if key not in sums else [a + b for a, b in zip(sums[key], parts)]
+        return hook
+
+    hooks = [(block.norm1, record("norm1", i)) for i, block in enumerate(blocks)]
+    hooks += [(b.enhance, record("enhance", i)) for i, b in enumerate(blocks) if isinstance(b.enhance, ConvBN)]
+    _calibration_pass(model, blocks, images, hooks)
+    for i, block in enumerate(blocks):
+        if block.norm_cross is not None:
+            total, _, count = sums["norm1", i]
+            block.norm_cross.bias.copy_(total / count)
+        if isinstance(block.enhance, ConvBN):
+            total, squares, count = sums["enhance", i]
+            mean, var = total / count, (squares / count - (total / count).square()).clamp(min=0.0)
+            bn = block.enhance.bn
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.weight.copy_((var + bn.eps).sqrt())
+            bn.bias.copy_(mean)
+    # a second pass: the cross tokens' keys depend on the cross-token LayerNorm just set
+    for i, preference in _calibration_pass(model, blocks, images, []).items():
+        bias = blocks[i].attn.cross_bias
+        bias.sub_(preference.reshape(bias.shape)).clamp_(max=0.0)
     return model
 
 
@@ -509,11 +580,14 @@ def add_forward_cross_attention(
         init: ``"keep"`` (default) starts the new parts so that the model computes what ``model`` did (for a
             trained model); ``"scratch"`` gives them ``fcaformer_l0``'s from-scratch initialisation (for a model
             about to be trained from scratch).
-        cross_bias_init: the initial cross-token bias with ``init="keep"`` (more negative: closer to the original,
-            smaller gradients).
-        calibration_images: a batch of training images, normalised as the model expects. With ``init="keep"``
-            the enhance BatchNorms take their statistics (:func:`calibrate_enhance_`) so that the model is
-            unchanged in training mode too: pass it before fine-tuning.
+        cross_bias_init: how closed the cross tokens start with ``init="keep"`` (see :data:`CLOSED_CROSS_BIAS`):
+            lower keeps the original more exactly and gives the new parts smaller gradients.
+        calibration_images: training images (64 to 512), normalised as the model expects. With ``init="keep"``
+            the new parts are fitted to them (:func:`calibrate_`): every cross-token bias is set so that no query
+            of these images prefers its cross tokens, the cross tokens start as the block's mean token, and the
+            enhance BatchNorms keep the model unchanged in training mode too. Without them the closing assumes
+            that a cross token is no more attractive than an average own token (true of the models measured in
+            ``docs/any_vit.md``, not of a model whose attention has collapsed) and training mode differs.
 
     Returns:
         an :class:`FcaVisionTransformer` or :class:`FcaSwinTransformer` with ``model``'s weights, mode, device and
@@ -538,8 +612,8 @@ def add_forward_cross_attention(
         raise ValueError(f"add_forward_cross_attention supports timm's VisionTransformer and SwinTransformer, "
                          f"got {type(model).__name__}")
     converted.train(model.training)
-    if calibration_images is not None and init == "keep" and enhance:
-        calibrate_enhance_(converted, calibration_images.to(next(model.parameters()).device))
+    if calibration_images is not None and init == "keep":
+        calibrate_(converted, calibration_images.to(next(model.parameters()).device))
     return converted
 
 

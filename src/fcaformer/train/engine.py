@@ -51,7 +51,7 @@ from .metrics import plot_confusion, plot_curves, write_jsonl
 from .precise_bn import calibration_indices, calibration_loader, calibration_size, recalibrate_batchnorm
 from .state import list_states, load_latest_state, rng_state, save_state, set_rng_state
 
-CALIBRATION_IMAGES = 128
+CALIBRATION_IMAGES = 256
 """Training images whose statistics the enhance BatchNorms of a converted pretrained model start from."""
 
 
