@@ -221,7 +221,7 @@ def aggregate(studies: dict[str, dict[str, list[dict[str, Any]]]], pretrain_resu
 
 def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     from fcaformer.io import atomic_report
-    from fcaformer.train.metrics import plt, save_figure
+    from fcaformer.train.metrics import plot_seed_bars, plt, save_figure
 
     lines = []
     for study, content in table["studies"].items():
@@ -245,9 +245,7 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     studies = list(table["studies"].items())
     fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4), squeeze=False)
     for ax, (study, content) in zip(axes[0], studies):
-        for i, row in enumerate(content["arms"].values()):
-            ax.bar(i, row["top1_mean"], yerr=row["top1_std"], capsize=6, alpha=0.6, color=f"C{i}")
-            ax.scatter([i] * len(row["top1"]), row["top1"], color="black", zorder=3, s=14)
+        plot_seed_bars(ax, [row["top1"] for row in content["arms"].values()])
         ax.axhline(20, color="grey", lw=1, ls=":", label="chance (5 classes)")
         ax.set_xticks(range(len(content["arms"])),
                       [f"{name}\n{setting_text(row['setting'])}" for name, row in content["arms"].items()])
