@@ -1,19 +1,21 @@
 """Does adding forward cross attention to a trained timm ViT / Swin help it learn more? Imagenette, 64 px, CPU.
 
-1. **Sources**: a small timm ViT (``vit_tiny_patch16_224`` resized: patch 8, dim 128, depth 6, 4 heads) and a small
-   Swin (``swin_tiny_patch4_window7_224`` resized: dim 32, depths 2-2-4, heads 1-2-4, window 8) are trained from
-   scratch on all 9,469 Imagenette training images at 64 px, and saved as fp16 safetensors project checkpoints
-   (``<out>/<model>_imagenette64.safetensors``; the tests convert them on real images).
-2. **Conversion**: each source is converted (``fcaformer.add_forward_cross_attention``) and compared with itself
-   on all 3,925 val images: top-1 agreement and the largest relative logit change.
-3. **Fine-tuning**, the same budget per arm, several seeds, seed-major (the arms interleaved):
+1. **Sources**: a small timm ViT (``vit_tiny_patch16_224`` resized: patch 8, dim 128, depth 6, 4 heads; 10 epochs)
+   and a small Swin (``swin_tiny_patch4_window7_224`` resized: dim 32, depths 2-2-4, heads 1-2-4, window 8; 6
+   epochs) are trained from scratch on all 9,469 Imagenette training images at 64 px, and saved as fp16
+   safetensors project checkpoints (``<out>/<model>_imagenette64.safetensors``; the tests convert them).
+2. **Conversion**: each source is converted (``fcaformer.add_forward_cross_attention``, calibrated on the 256
+   training images ``fcaformer train`` would use; for a few closing strengths, and once without calibration) and
+   compared with itself on all 3,925 val images: top-1 agreement, relative logit changes, the cross tokens' share
+   of the attention, and the gradients of the new parts next to AdamW's eps.
+3. **Fine-tuning**, the same budget per arm (3 epochs), seeds 0-2, the arms interleaved:
 
    - ``plain``: the source trained further as it is;
-   - ``fca``: the source converted (``model.forward_cross_attention=true``: weights kept, enhance BatchNorms
-     calibrated on 128 training images), then trained with the same recipe.
+   - ``fca``: the source converted (``model.forward_cross_attention=true``), then trained with the same recipe.
 
    Each is evaluated on all val images; per model the report gives mean ± std per arm, the difference with its
-   95 % confidence interval, Welch's t-test, and the power of that test against a true 1-point difference.
+   95 % confidence interval, Welch's t-test, the power of that test against a true 1-point difference, and where
+   fine-tuning took the fca runs' cross tokens (their share of the attention, the mean cross-token bias).
 
 Every run writes its own folder under ``--runs``; finished runs are skipped and interrupted ones resumed, so the
 script can be restarted at any time. After every run the aggregate (``<out>/results.json``, ``results.md``) and
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,21 +66,12 @@ def train_run(out: Path, overrides: list[str], data_root: str) -> dict[str, Any]
 
 def source(model: str, runs: Path, out: Path, data_root: str, extra: list[str]) -> tuple[Path, dict[str, Any]]:
     """The trained source model, saved as an fp16 safetensors project checkpoint (what the arms start from)."""
-    import torch
-
-    from fcaformer.io import load_model, save_model
+    from benchmarks._commit import commit_checkpoint
 
     result = train_run(runs / f"{model}-source", [*MODELS[model], *SOURCE[model], *extra], data_root)
     checkpoint = out / f"{model}_imagenette64.safetensors"
     if not checkpoint.exists():
-        network, raw = load_model(runs / f"{model}-source" / "model.pt")
-        keep = {k: raw[k] for k in ("class_names", "data_config", "metrics", "macs") if k in raw}
-        # a committed file names no path of the machine it was made on
-        train_config = json.loads(json.dumps(raw["train_config"]))
-        for section, key in (("data", "root"), ("run", "output")):
-            train_config[section][key] = os.path.relpath(train_config[section][key], REPO)
-        save_model(checkpoint, network, raw["model_name"], raw["model_kwargs"], dtype=torch.float16,
-                   train_config=train_config, **keep)
+        commit_checkpoint(runs / f"{model}-source" / "model.pt", checkpoint, REPO)
     return checkpoint, result
 
 
@@ -359,4 +351,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # the scripts' shared helpers (benchmarks._commit), as when the tests import them
     sys.exit(main())

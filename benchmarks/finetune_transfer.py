@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,22 +80,12 @@ def train_run(out: Path, overrides: list[str], data_root: str) -> dict[str, Any]
 
 def pretrain(runs: Path, out: Path, data_root: str, extra: list[str]) -> tuple[Path, dict[str, Any]]:
     """The five-class model, saved as an fp16 safetensors project checkpoint (what the transfer runs start from)."""
-    import torch
-
-    from fcaformer.io import load_model, save_model
+    from benchmarks._commit import commit_checkpoint
 
     result = train_run(runs / "pretrain", [*PRETRAIN, *extra], data_root)
     checkpoint = out / CHECKPOINT_NAME
     if not checkpoint.exists():
-        model, raw = load_model(runs / "pretrain" / "model.pt")
-        keep = {k: raw[k] for k in ("class_names", "data_config", "metrics", "macs") if k in raw}
-        # a committed file names no path of the machine it was made on: the data and run folders relative to the
-        # repository (so `fcaformer eval` of the checkpoint finds the data from the repository root)
-        train_config = json.loads(json.dumps(raw["train_config"]))
-        for section, key in (("data", "root"), ("run", "output")):
-            train_config[section][key] = os.path.relpath(train_config[section][key], REPO)
-        save_model(checkpoint, model, raw["model_name"], raw["model_kwargs"], dtype=torch.float16,
-                   train_config=train_config, **keep)
+        commit_checkpoint(runs / "pretrain" / "model.pt", checkpoint, REPO)
     return checkpoint, result
 
 
@@ -300,4 +289,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # the scripts' shared helpers (benchmarks._commit), as when the tests import them
     sys.exit(main())

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..layers import ConvBN, FcaBlock, FcaStage, LsfPlacement
 from ..layers.fca import gather_cross
-from ._common import init_weights_
+from ._common import init_weights_, prune_stage_model
 
 __all__ = [
     "CLOSED_CROSS_BIAS",
@@ -323,13 +323,9 @@ class FcaVisionTransformer(VisionTransformer):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        take_indices = self.blocks.prune_blocks(indices)
-        if prune_norm:
-            self.norm = nn.Identity()
         if prune_head:
             self.fc_norm = nn.Identity()
-            self.reset_classifier(0, "")
-        return take_indices
+        return prune_stage_model(self, indices, prune_norm, prune_head)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layers import FcaStage, LsfPlacement
-from ._common import ClassifierHead, check_image_batch, init_weights_
+from ._common import ClassifierHead, check_image_batch, init_weights_, prune_stage_model
 
 torch.fx.wrap("check_image_batch")  # an FX leaf for every tracer (torchvision's feature extraction included)
 
@@ -169,12 +169,7 @@ class FcaFormerPlain(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        take_indices = self.blocks.prune_blocks(indices)
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+        return prune_stage_model(self, indices, prune_norm, prune_head)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images to normed ``(B, 1 + N, C)`` tokens (class token first)."""
