@@ -53,6 +53,7 @@ SOURCE: dict[str, list[str]] = {"vit": ["run.epochs=10", "optim.lr=3e-4", "run.s
 FINETUNE = ["run.epochs=3", "optim.lr=2e-4", "optim.warmup_epochs=0.3"]
 ARMS: dict[str, list[str]] = {"plain": [], "fca": ["model.forward_cross_attention=true"]}
 QUICK = ["run.epochs=1", "data.train_per_class=8", "data.val_per_class=4", "data.cache=false"]
+OPENING_STEPS, OPENING_IMAGES = 300, 2048  # the opening check: steps of 32 images, from this many training images
 EFFECT = 1.0  # points of top-1: the difference whose detection the power analysis asks about
 
 
@@ -134,8 +135,9 @@ def compare_predictions(model: Any, converted: Any, batches: list[tuple[Any, Any
             "images_within_1e-3": 100 * within / seen, "max_relative_logit_change": worst}
 
 
-def calibration_images(data_root: str, extra: list[str]) -> Any:
-    """The training images ``fcaformer train`` calibrates a converted model on (eval transform, seed 0)."""
+def calibration_images(data_root: str, extra: list[str], count: int | None = None) -> Any:
+    """The training images ``fcaformer train`` calibrates a converted model on (eval transform, seed 0), or the
+    first ``count`` of a larger such draw, with their labels when ``count`` is given."""
     from fcaformer.train import load_config
     from fcaformer.train.data import ImageDataset, build_transforms, load_image_lists
     from fcaformer.train.engine import CALIBRATION_IMAGES
@@ -144,7 +146,9 @@ def calibration_images(data_root: str, extra: list[str]) -> Any:
     config = load_config("repro", [f"data.root={data_root}", *COMMON, *extra])
     train, _ = load_image_lists(config.data)
     dataset = ImageDataset(train, build_transforms(config)[1])
-    return next(iter(calibration_loader(dataset, CALIBRATION_IMAGES, CALIBRATION_IMAGES, 0, 0)))[0]
+    if count is None:
+        return next(iter(calibration_loader(dataset, CALIBRATION_IMAGES, CALIBRATION_IMAGES, 0, 0)))[0]
+    return next(iter(calibration_loader(dataset, count, count, 0, 1)))
 
 
 def conversion_check(checkpoint: Path, batches: list[tuple[Any, Any]], calibration: Any) -> dict[str, Any]:
@@ -183,9 +187,52 @@ def conversion_check(checkpoint: Path, batches: list[tuple[Any, Any]], calibrati
     return {**result, **result["sweep"][f"{CLOSED_CROSS_BIAS:g}"]}
 
 
-def fca_run_analysis(run: Path, batches: list[tuple[Any, Any]]) -> dict[str, float]:
-    """Where fine-tuning took a converted model's new parts: the cross tokens' share of the attention on 256 val
-    images, and the mean cross-token bias."""
+def opening_check(checkpoint: Path, calibration: Any, train_images: tuple[Any, Any], batches: list[tuple[Any, Any]],
+                  steps: int = OPENING_STEPS, lr: float = 1e-3) -> dict[str, Any]:
+    """Can the new parts learn to use the cross tokens? The source converted (calibrated), then only its new parts
+    (cross-token biases, LSFs, cross-token LayerNorm, merge, enhance) trained with AdamW at ``lr`` for ``steps``
+    batches of 32 training images (eval transform, a fixed subset), everything else frozen: the cross tokens'
+    share of the attention and the val loss and top-1 (1,024 val images, 8 batches spread over the classes) before
+    and after."""
+    import torch
+
+    from fcaformer import add_forward_cross_attention
+    from fcaformer.io import load_model
+
+    model = add_forward_cross_attention(load_model(checkpoint)[0], calibration_images=calibration)
+    new = [p for n, p in model.named_parameters()
+           if any(k in n for k in ("cross_bias", "cross_scale", "norm_cross", "merge", "enhance"))]
+    model.requires_grad_(False)
+    for param in new:
+        param.requires_grad_(True)
+    val = batches[:: max(1, len(batches) // 8)][:8]  # spread over the (class-sorted) val set
+
+    def measure() -> dict[str, float]:
+        with torch.no_grad():
+            outputs = [(model.eval()(x), y) for x, y in val]
+        loss = sum(torch.nn.functional.cross_entropy(o, y, reduction="sum").item() for o, y in outputs)
+        count = sum(len(y) for _, y in val)
+        share = cross_attention_share(model, val[0][0])
+        return {"cross_attention_share": sum(share) / len(share), "val_loss": loss / count,
+                "val_top1": 100 * sum((o.argmax(1) == y).sum().item() for o, y in outputs) / count}
+
+    before = measure()
+    optimizer = torch.optim.AdamW(new, lr=lr, weight_decay=0.0)
+    images, targets = train_images
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(len(images), (32,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images[pick]), targets[pick]).backward()
+        optimizer.step()
+    return {"steps": steps, "lr": lr, "before": before, "after": measure()}
+
+
+def fca_run_analysis(run: Path, batches: list[tuple[Any, Any]], start: Any) -> dict[str, Any]:
+    """Where fine-tuning took a converted model's new parts, against ``start`` (the source converted as the run
+    converted it): the cross tokens' share of the attention on 256 val images, the mean cross-token bias and how
+    far the biases moved (mean |change|)."""
     import torch
 
     from fcaformer.io import load_model
@@ -193,9 +240,11 @@ def fca_run_analysis(run: Path, batches: list[tuple[Any, Any]]) -> dict[str, flo
     model, _ = load_model(run / "model.pt")
     images = torch.cat([images for images, _ in batches[:2]])
     share = cross_attention_share(model, images)
-    biases = [p.detach().mean().item() for n, p in model.named_parameters() if n.endswith("cross_bias")]
+    before = dict(start.named_parameters())
+    biases = [(p.detach(), before[n].detach()) for n, p in model.named_parameters() if n.endswith("cross_bias")]
     return {"cross_attention_share": sum(share) / len(share), "cross_attention_share_per_block": share,
-            "mean_cross_bias": sum(biases) / len(biases)}
+            "mean_cross_bias": sum(b.mean().item() for b, _ in biases) / len(biases),
+            "mean_cross_bias_change": sum((b - a).abs().mean().item() for b, a in biases) / len(biases)}
 
 
 def welch_power(effect: float, std_a: float, std_b: float, n_a: int, n_b: int) -> float:
@@ -280,9 +329,17 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
             lines += ["", f"fca − plain: {versus['diff']:+.2f} points, 95 % CI [{low:+.2f}, {high:+.2f}], Welch t "
                       f"{versus['t']:.2f}, {versus['df']:.1f} df, p {versus['p']:.2g}; power against a 1-point "
                       f"difference: {versus[f'power_at_{EFFECT:g}_point']:.2f}"]
+        for opening in row["conversion"].get("opening", []):
+            before, after = opening["before"], opening["after"]
+            lines += ["", f"opening check (only the new parts trained, {opening['steps']} AdamW steps at lr "
+                      f"{opening['lr']:g}): cross share {before['cross_attention_share']:.1e} -> "
+                      f"{after['cross_attention_share']:.1e}, val loss {before['val_loss']:.4f} -> "
+                      f"{after['val_loss']:.4f}, val top-1 {before['val_top1']:.2f} -> {after['val_top1']:.2f} %"]
+        at_conversion = row["conversion"]["cross_attention_share"]
         for run in row["fca_after_finetuning"]:
             lines.append(f"- fca seed {run['seed']} after fine-tuning: cross share of attention "
-                         f"{run['cross_attention_share']:.1e}, mean cross-token bias {run['mean_cross_bias']:+.2f}")
+                         f"{run['cross_attention_share']:.1e} (at conversion {at_conversion:.1e}), mean cross-token "
+                         f"bias {run['mean_cross_bias']:+.2f}, moved by {run['mean_cross_bias_change']:.3f} on average")
         lines.append("")
     atomic_report(table, "\n".join(lines), out / "results")
 
@@ -318,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extra = QUICK if args.quick else []
 
+    from fcaformer import add_forward_cross_attention
+    from fcaformer.io import load_model
+
     checkpoints, sources, checks = {}, {}, {}
     for model in args.models:
         checkpoints[model], sources[model] = source(model, args.runs, args.out, args.data, extra)
@@ -326,9 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     batches = val_batches(args.data, extra)
     calibration = calibration_images(args.data, extra)
+    starts = {}
+    opening_images = calibration_images(args.data, extra, 64 if args.quick else OPENING_IMAGES)
     for model in args.models:
         checks[model] = conversion_check(checkpoints[model], batches, calibration)
+        checks[model]["opening"] = [opening_check(checkpoints[model], calibration, opening_images, batches, lr=lr,
+                                                  steps=3 if args.quick else OPENING_STEPS) for lr in (1e-3, 1e-2)]
         print(f"--- {model} converted: {json.dumps(checks[model])}", flush=True)
+        starts[model] = add_forward_cross_attention(load_model(checkpoints[model])[0], calibration_images=calibration)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {m: {arm: [] for arm in ARMS} for m in args.models}
     analyses: dict[str, list[dict[str, Any]]] = {m: [] for m in args.models}
     for model in args.models:  # model by model; within a model seed-major, the arms interleaved
@@ -341,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["seed"] = seed
                 results[model][arm].append(result)
                 if arm == "fca":
-                    analyses[model].append({"seed": seed, **fca_run_analysis(run, batches)})
+                    analyses[model].append({"seed": seed, **fca_run_analysis(run, batches, starts[model])})
                 write_outputs(aggregate(results, sources, checks, analyses), args.out, args.figure)
                 print(f"--- {model} {arm} seed {seed}: top-1 {result['val']['top1']:.2f}% "
                       f"({result['mean_epoch_time_s']:.1f} s/epoch)", flush=True)
