@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,23 +80,12 @@ def train_run(out: Path, overrides: list[str], data_root: str) -> dict[str, Any]
 
 def pretrain(runs: Path, out: Path, data_root: str, extra: list[str]) -> tuple[Path, dict[str, Any]]:
     """The five-class model, saved as an fp16 safetensors project checkpoint (what the transfer runs start from)."""
-    import torch
-
-    from fcaformer.weights import load_model
-    from fcaformer.weights.project import save_model
+    from benchmarks._commit import commit_checkpoint
 
     result = train_run(runs / "pretrain", [*PRETRAIN, *extra], data_root)
     checkpoint = out / CHECKPOINT_NAME
     if not checkpoint.exists():
-        model, raw = load_model(runs / "pretrain" / "model.pt")
-        keep = {k: raw[k] for k in ("class_names", "data_config", "metrics", "macs") if k in raw}
-        # a committed file names no path of the machine it was made on: the data and run folders relative to the
-        # repository (so `fcaformer eval` of the checkpoint finds the data from the repository root)
-        train_config = json.loads(json.dumps(raw["train_config"]))
-        for section, key in (("data", "root"), ("run", "output")):
-            train_config[section][key] = os.path.relpath(train_config[section][key], REPO)
-        save_model(checkpoint, model, raw["model_name"], raw["model_kwargs"], dtype=torch.float16,
-                   train_config=train_config, **keep)
+        commit_checkpoint(runs / "pretrain" / "model.pt", checkpoint, REPO)
     return checkpoint, result
 
 
@@ -222,6 +210,7 @@ def aggregate(studies: dict[str, dict[str, list[dict[str, Any]]]], pretrain_resu
 
 def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     from fcaformer.files import atomic_report, pyplot, save_figure
+    from fcaformer.train.metrics import plot_seed_bars
 
     plt = pyplot()
 
@@ -247,9 +236,7 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     studies = list(table["studies"].items())
     fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4), squeeze=False)
     for ax, (study, content) in zip(axes[0], studies):
-        for i, row in enumerate(content["arms"].values()):
-            ax.bar(i, row["top1_mean"], yerr=row["top1_std"], capsize=6, alpha=0.6, color=f"C{i}")
-            ax.scatter([i] * len(row["top1"]), row["top1"], color="black", zorder=3, s=14)
+        plot_seed_bars(ax, [row["top1"] for row in content["arms"].values()])
         ax.axhline(20, color="grey", lw=1, ls=":", label="chance (5 classes)")
         ax.set_xticks(range(len(content["arms"])),
                       [f"{name}\n{setting_text(row['setting'])}" for name, row in content["arms"].items()])
@@ -304,4 +291,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # the scripts' shared helpers (benchmarks._commit), as when the tests import them
     sys.exit(main())

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, register_notrace_function
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -164,10 +165,17 @@ class FcaAttention(nn.Module):
             raise ValueError("this attention has no cross-token bias (built with num_cross_tokens=0)")
         return resize_cross_values(self.cross_bias, native_cross_grid, cross_grid)
 
-    def forward(self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None = None) -> torch.Tensor:
-        """Attend from ``x`` (B, N, C) over ``x`` and the normalised cross tokens ``cross`` (B, M, C)."""
+    def forward(
+        self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend from ``x`` (B, N, C) over ``x`` and the normalised cross tokens ``cross`` (B, M, C).
+
+        ``attn_bias`` is an optional additive bias ``(G, heads or 1, N, N)`` on the logits among the regular tokens
+        (not the cross tokens); batch item ``b`` takes ``attn_bias[b % G]``, so ``G`` must divide ``B``. A Swin
+        block passes its relative positions and shifted-window mask this way, ``G`` windows per image.
+        """
         if self.fast:
-            return self._forward_fast(x, grid, cross)
+            return self._forward_fast(x, grid, cross, attn_bias)
         batch, num_tokens, channels = x.shape
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -177,6 +185,8 @@ class FcaAttention(nn.Module):
             # Prefix tokens (a class token) sit outside the grid: zero bias to and from them.
             prefix = self.num_prefix_tokens
             logits = logits + (F.pad(position_bias, [prefix, 0, prefix, 0]) if prefix else position_bias)
+        if attn_bias is not None:
+            logits = add_grouped_bias(logits, attn_bias)
         if cross is not None:
             # Like the release, project a query for the cross tokens too and discard it: this path mirrors the
             # release's cost (a fused fast path skips it).
@@ -267,7 +277,9 @@ class FcaAttention(nn.Module):
         explicit = bool(self.attn_probe._forward_hooks or self.attn_probe._forward_pre_hooks or explicit_for_grad)
         return bias, explicit
 
-    def _forward_fast(self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None) -> torch.Tensor:
+    def _forward_fast(
+        self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None, attn_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, num_tokens, channels = x.shape
         num_cross = 0 if cross is None else cross.shape[1]
         explicit = False
@@ -275,6 +287,12 @@ class FcaAttention(nn.Module):
             bias = self.attention_bias(grid, num_cross)
         else:
             bias, explicit = self._eager_fast_bias(grid, num_cross)
+        groups = 1
+        if attn_bias is not None:
+            # the caller's bias covers the regular keys only: zero for the cross tokens
+            extra = F.pad(attn_bias, [0, num_cross]) if num_cross > 0 else attn_bias
+            bias = extra if bias is None else bias + extra
+            groups = attn_bias.shape[0]
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if cross is not None:
@@ -288,14 +306,18 @@ class FcaAttention(nn.Module):
         if explicit:
             logits = (q * self.scale) @ k.transpose(-2, -1)
             if bias is not None:
-                logits = logits + bias
+                logits = add_grouped_bias(logits, bias)
             attn = self.attn_drop(self.attn_probe(logits.softmax(dim=-1)))
             out = attn @ v
         else:
             dropout = self.attn_drop.p if self.training else 0.0
+            if groups > 1:  # (B/G, G, heads, L, d): SDPA broadcasts the (G, heads, N, S) bias over the images
+                q, k, v = _split_groups(q, groups), _split_groups(k, groups), _split_groups(v, groups)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), dropout_p=dropout
             )
+            if groups > 1:
+                out = out.flatten(0, 1)
         out = out.transpose(1, 2)
         if not torch.jit.is_scripting() and torch.compiler.is_compiling():
             # Graph decompositions of SDPA (ONNX export) return another memory layout than the eager kernel the
@@ -303,6 +325,20 @@ class FcaAttention(nn.Module):
             out = out.clone(memory_format=torch.contiguous_format)
         out = out.reshape(batch, num_tokens, channels)
         return self.proj_drop(self.proj(out))
+
+
+def _split_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B, ...) -> (B / groups, groups, ...)``."""
+    return x.reshape([-1, groups] + list(x.shape[1:]))
+
+
+def add_grouped_bias(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``logits`` ``(B, heads, N, S)`` plus ``bias`` ``(G, heads or 1, N, S)``, batch item ``b`` taking
+    ``bias[b % G]`` (timm's window order: the windows of one image are consecutive)."""
+    groups = bias.shape[0]
+    if groups == 1:
+        return logits + bias
+    return (_split_groups(logits, groups) + bias).flatten(0, 1)
 
 
 def _check_cross_count(cross_bias: torch.Tensor, num_cross: int, grid: Grid) -> None:
@@ -426,7 +462,11 @@ class FcaBlock(nn.Module):
         return self.norm_cross(cross) * scale
 
     def forward(
-        self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        grid: Grid,
+        cross: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the block (recomputed in backward while ``grad_checkpointing`` is set).
 
@@ -435,6 +475,8 @@ class FcaBlock(nn.Module):
             grid: ``(H, W)``.
             cross: ``(B, M, C)`` cross tokens of earlier blocks, oldest first (required iff
                 ``num_sources > 0``).
+            attn_bias: an additive bias on the attention logits among the regular tokens (see
+                :meth:`FcaAttention.forward`).
 
         Returns:
             the new tokens and the ``(B, T, C)`` cross tokens this block emits (``None`` if it emits none).
@@ -446,16 +488,16 @@ class FcaBlock(nn.Module):
                     f"{'none' if cross is None else tuple(cross.shape)}"
                 )
             if self.grad_checkpointing and torch.is_grad_enabled():
-                return checkpoint(self._forward, x, grid, cross, use_reentrant=False)
-        return self._forward(x, grid, cross)
+                return checkpoint(self._forward, x, grid, cross, attn_bias, use_reentrant=False)
+        return self._forward(x, grid, cross, attn_bias)
 
     def _forward(
-        self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None
+        self, x: torch.Tensor, grid: Grid, cross: torch.Tensor | None, attn_bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cross_normed: torch.Tensor | None = None
         if cross is not None:
             cross_normed = self.normalize_cross(cross, cross_grid_size(grid))
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, cross_normed)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, cross_normed, attn_bias)))
 
         prefix, tokens = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         batch, _, channels = tokens.shape
@@ -549,6 +591,13 @@ class FcaStage(nn.Module):
         """Recompute each block's activations in backward (outputs and gradients are unchanged)."""
         for block in self.blocks:
             block.grad_checkpointing = enable
+
+    def prune_blocks(self, indices: int | list[int]) -> list[int]:
+        """Drop the blocks after the last one that timm's ``indices`` take (for ``prune_intermediate_layers``);
+        returns the block indices to take."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        return take_indices
 
     def forward_tokens(
         self,

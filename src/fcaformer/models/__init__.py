@@ -1,6 +1,7 @@
 """FcaFormer models; importing this registers them with timm (module name ``fcaformer``)."""
 
 from . import fcaformer as _registry  # noqa: F401  (the timm entry points)
+from .any_vit import FCA_ENTRY, FcaSwinTransformer, FcaVisionTransformer, add_forward_cross_attention
 from .hybrid import ARCHS, SMALL_ARCHS, ConvStage, FcaFormer, FcaFormerDense, create_dense_backbone
 from .plain import FcaFormerPlain
 
@@ -13,5 +14,6 @@ SMALL_MODELS: tuple[str, ...] = tuple(SMALL_ARCHS)
 MODEL_NAMES: tuple[str, ...] = PAPER_MODELS + SMALL_MODELS
 """Every registered model name (timm ``create_model`` builds each)."""
 
-__all__ = ["ARCHS", "MODEL_NAMES", "PAPER_MODELS", "SMALL_ARCHS", "SMALL_MODELS", "ConvStage", "FcaFormer",
-           "FcaFormerDense", "FcaFormerPlain", "create_dense_backbone"]
+__all__ = ["ARCHS", "FCA_ENTRY", "MODEL_NAMES", "PAPER_MODELS", "SMALL_ARCHS", "SMALL_MODELS", "ConvStage", "FcaFormer",
+           "FcaFormerDense", "FcaFormerPlain", "FcaSwinTransformer", "FcaVisionTransformer",
+           "add_forward_cross_attention", "create_dense_backbone"]

@@ -104,3 +104,14 @@ def init_weights_(module: nn.Module) -> None:
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def prune_stage_model(model: nn.Module, indices: int | list[int], prune_norm: bool, prune_head: bool) -> list[int]:
+    """timm's ``prune_intermediate_layers`` for a model whose blocks are one ``FcaStage`` at ``model.blocks``
+    followed by ``model.norm``: keep the blocks up to the last of ``indices``; returns the block indices to take."""
+    take_indices = model.blocks.prune_blocks(indices)
+    if prune_norm:
+        model.norm = nn.Identity()
+    if prune_head:
+        model.reset_classifier(0, "")
+    return take_indices

@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from .any_vit import FCA_ENTRY, split_switches
 from .hybrid import ARCHS, SMALL_ARCHS, FcaFormer
 from .plain import FcaFormerPlain
 
@@ -70,10 +71,16 @@ def describe_model(name: str, kwargs: Mapping[str, Any] | None = None) -> str:
     For FcaFormer models it is the registered variant of the same sizes (``fcaformer_l1`` with femto's dims,
     depths and heads is ``fcaformer_femto``), else the given name, followed by every architecture argument that
     differs from that variant's (``"fcaformer_femto with cross_attention=False"``). Other timm models get
-    their name and every architecture argument given. Classes, resolution and regularisation are not part of
-    the name.
+    their name and every architecture argument given; a converted one (``fca_any``) its base's description and
+    ``+ forward cross attention`` with the switches given. Classes, resolution and regularisation are not part
+    of the name.
     """
     given = {k: v for k, v in (kwargs or {}).items() if k not in NOT_ARCHITECTURE}
+    if name == FCA_ENTRY and given.get("base"):  # a converted timm model: the base's name, then the conversion
+        switches, base_kwargs = split_switches({k: v for k, v in given.items() if k != "base"})
+        settings = ", ".join(f"{k}={v!r}" for k, v in sorted(switches.items()) if k not in ("init", "cross_bias_init"))
+        return (f"{describe_model(given['base'], base_kwargs)} + forward cross attention"
+                + (f" ({settings})" if settings else ""))
     base = registered_architecture(name)
     if base is None:
         changes = given

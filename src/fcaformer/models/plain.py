@@ -12,7 +12,7 @@ from torch import nn
 
 from ..fast import fuse_model
 from ..layers import FcaStage, LsfPlacement
-from ._common import ClassifierHead, check_image_batch, init_weights_
+from ._common import ClassifierHead, check_image_batch, init_weights_, prune_stage_model
 
 torch.fx.wrap("check_image_batch")  # an FX leaf for every tracer (torchvision's feature extraction included)
 
@@ -170,13 +170,7 @@ class FcaFormerPlain(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks.blocks), indices)
-        self.blocks.blocks = self.blocks.blocks[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+        return prune_stage_model(self, indices, prune_norm, prune_head)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images to normed ``(B, 1 + N, C)`` tokens (class token first)."""

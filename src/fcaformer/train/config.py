@@ -44,6 +44,9 @@ class ModelConfig:
     # Linear probe: train only the classifier; the rest runs in eval mode (frozen BatchNorm statistics, no
     # dropout or stochastic depth) and precise BN is off.
     freeze_backbone: bool = False
+    # Add forward cross attention to the timm ViT or Swin named by ``name`` (fcaformer.add_forward_cross_attention)
+    # after the pretrained weights are loaded; its switches (cab_max_d, lsf, enhance, ...) go in ``kwargs``.
+    forward_cross_attention: bool = False
 
 
 @dataclass

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..fast import fast_attention_modules, set_fast_attention
 from ..files import atomic_json_dump, atomic_write, relative_path
+from ..models.any_vit import FCA_ENTRY, add_forward_cross_attention, split_switches
 from ..models.names import describe_model
 from ..profile import count_macs, count_params
 from ..weights.pretrained import load_pretrained
@@ -83,6 +84,9 @@ from .state import (
     set_rng_state,
 )
 
+CALIBRATION_IMAGES = 256
+"""Training images whose statistics the enhance BatchNorms of a converted pretrained model start from."""
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint on disk is left untouched."""
@@ -115,9 +119,10 @@ _PROBE = "_fcaformer_probe"
 """A keyword no constructor takes (see :func:`check_model_kwargs`)."""
 
 
-def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+def check_model_kwargs(name: str, kwargs: dict[str, Any], forward_cross_attention: bool = False) -> None:
     """``ConfigError`` for an unknown model or a ``model.kwargs`` key its constructor does not take, naming the key
-    and the valid ones, before any data is read.
+    and the valid ones, before any data is read. With ``forward_cross_attention`` the conversion's switches
+    (:data:`fcaformer.models.any_vit.SWITCHES`) are taken out first: they go to the conversion, not to timm.
 
     Cheap: with an extra keyword that no constructor takes, construction stops when Python binds the arguments,
     and the error names the first unknown one (the probe itself when the user's keys are all taken). A
@@ -126,6 +131,8 @@ def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ConfigError(f"unknown model {name!r} (model.name); e.g. {', '.join(close) or 'fcaformer_l1'}")
+    if forward_cross_attention:
+        kwargs = split_switches(kwargs)[1]
     if not kwargs:
         return
     try:
@@ -148,14 +155,20 @@ def model_kwargs(config: TrainConfig, num_classes: int) -> dict[str, Any]:
 
 
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    """``timm.create_model`` of the configured network; returns it and its recorded kwargs."""
+    """``timm.create_model`` of the configured network; returns it and its recorded kwargs.
+
+    With ``model.forward_cross_attention`` this is the network before the conversion: the conversion's switches
+    among ``model.kwargs`` stay in the recorded kwargs but are not passed to timm.
+    """
     kwargs = model_kwargs(config, num_classes)
+    create_kwargs = split_switches(kwargs)[1] if config.model.forward_cross_attention else dict(kwargs)
     extra = {"drop_path_rate": config.model.drop_path_rate} if config.model.drop_path_rate else {}
     try:
-        model = timm.create_model(config.model.name, **kwargs, **extra)
+        model = timm.create_model(config.model.name, **create_kwargs, **extra)
     except TypeError:  # timm models without img_size (e.g. plain CNNs)
         kwargs.pop("img_size")
-        model = timm.create_model(config.model.name, **kwargs, **extra)
+        create_kwargs.pop("img_size")
+        model = timm.create_model(config.model.name, **create_kwargs, **extra)
     return model, kwargs
 
 
@@ -179,7 +192,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         seed_everything(run.seed + self.dist.rank)
-        check_model_kwargs(config.model.name, config.model.kwargs)
+        check_model_kwargs(config.model.name, config.model.kwargs, config.model.forward_cross_attention)
 
         train_list, val_list = load_image_lists(config.data, progress=config.run.progress and self.dist.is_main)
         self.class_names = train_list.class_names
@@ -189,10 +202,9 @@ class Trainer:
         self.train_set, self.val_set = self._datasets(train_list, val_list)
 
         self.model, self.model_kwargs = build_model(config, self.num_classes)
-        self.params = count_params(self.model)
-        self.macs = count_macs(self.model, (1, 3, config.data.img_size, config.data.img_size))
+        self.model_name = config.model.name
         # what was really built (model.name with kwargs may be another variant), for logs, plots and results
-        self.model_label = describe_model(config.model.name, self.model_kwargs)
+        self.model_label = describe_model(self.model_name, self.model_kwargs)
         # Fine-tuning starts from pretrained weights; a resumed run takes its weights (and this report) from its
         # training state instead.
         self.pretrained: dict[str, Any] | None = None
@@ -202,6 +214,10 @@ class Trainer:
             self.pretrained = report.to_dict()
             if self.dist.is_main:
                 tqdm.write(report.summary())
+        if config.model.forward_cross_attention:
+            self._add_forward_cross_attention(train_list)
+        self.params = count_params(self.model)
+        self.macs = count_macs(self.model, (1, 3, config.data.img_size, config.data.img_size))
         if config.model.freeze_backbone:  # a linear probe: only the classifier trains
             self.model.requires_grad_(False)
             self.model.get_classifier().requires_grad_(True)
@@ -276,6 +292,27 @@ class Trainer:
                                   "pip install 'fcaformer[tensorboard]'") from error
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
+    def _add_forward_cross_attention(self, train_list: ImageList) -> None:
+        """Convert the built (and pretrained) network; checkpoints then name it ``fca_any`` with ``base``.
+
+        Pretrained weights are kept (``init="keep"``) and the enhance BatchNorms calibrated on
+        :data:`CALIBRATION_IMAGES` training images under the eval transform; otherwise the new parts get
+        ``fcaformer_l0``'s from-scratch initialisation (a switch ``init`` in ``model.kwargs`` overrides either).
+        """
+        switches = split_switches(self.model_kwargs)[0]
+        switches.setdefault("init", "keep" if self.pretrained else "scratch")
+        images = None
+        if switches["init"] == "keep":
+            dataset = ImageDataset(train_list, build_transforms(self.config)[1])
+            loader = calibration_loader(dataset, CALIBRATION_IMAGES, CALIBRATION_IMAGES, 0, self.config.run.seed)
+            images = next(iter(loader))[0]
+        try:
+            self.model = add_forward_cross_attention(self.model, calibration_images=images, **switches)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.forward_cross_attention with {self.model_label}: {error}") from error
+        self.model_name, self.model_kwargs = FCA_ENTRY, {"base": self.model_name, **self.model_kwargs}
+        self.model_label = describe_model(self.model_name, self.model_kwargs)
+
     # ---------------------------------------------------------------------------------------------- data
     def _datasets(self, train_list: ImageList, val_list: ImageList) -> tuple[Any, Any]:
         """Worker-path datasets (PIL + timm transforms), or the splits decoded onto the device."""
@@ -325,7 +362,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- checkpoints
     def _state(self, tallies: list[list[float]] | None) -> dict[str, Any]:
         return {
-            "model_name": self.config.model.name,
+            "model_name": self.model_name,
             "model_kwargs": self.model_kwargs,
             "model_label": self.model_label,
             "model": self.model.state_dict(),
@@ -396,7 +433,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         return save_model(
-            self.out / "model.pt", self.eval_model(), self.config.model.name, self.model_kwargs,
+            self.out / "model.pt", self.eval_model(), self.model_name, self.model_kwargs,
             class_names=self.class_names,
             data_config=preprocessing_config(asdict(self.config.data)),
             metrics=metrics or {}, train_config=self.config.to_dict(), macs=self.macs, pretrained=self.pretrained,
@@ -576,7 +613,7 @@ class Trainer:
         epoch_times = [h["epoch_time_s"] for h in self.history]
         summary = {
             "model": self.model_label,
-            "model_name": self.config.model.name,
+            "model_name": self.model_name,
             "model_kwargs": self.model_kwargs,
             "params": self.params,
             "macs": self.macs,
@@ -671,7 +708,8 @@ def train(config: TrainConfig, resume: str | Path | None = None, overrides: Sequ
     All ranks resume from the same state (rank 0 chooses it). The log says which state, epoch and step.
     """
     info = init_distributed(config.run.device)
-    check_model_kwargs(config.model.name, config.model.kwargs)  # before a state or the data is read
+    # before a state or the data is read
+    check_model_kwargs(config.model.name, config.model.kwargs, config.model.forward_cross_attention)
     state, path = None, None
     if resume == AUTO:
         found = load_agreed_state(Path(config.run.output))

@@ -41,15 +41,26 @@ def summarise_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float] | None:
-    """Welch's two-sided t-test of ``a`` against ``b`` (``t``, ``p``, ``diff`` = mean(a) - mean(b)); None when an
-    arm has fewer than two values or neither varies."""
+def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
+    """Welch's two-sided t-test of ``a`` against ``b``: ``t``, ``p``, ``diff`` = mean(a) - mean(b), the
+    Welch-Satterthwaite degrees of freedom ``df`` and the 95 % confidence interval ``ci95`` of ``diff``; None when
+    an arm has fewer than two values or neither varies."""
     if min(len(a), len(b)) < 2 or statistics.stdev(a) + statistics.stdev(b) == 0:
         return None
     from scipy.stats import ttest_ind
 
     test = ttest_ind(a, b, equal_var=False)
-    return {"t": float(test.statistic), "p": float(test.pvalue), "diff": statistics.mean(a) - statistics.mean(b)}
+    interval = test.confidence_interval(0.95)
+    return {"t": float(test.statistic), "p": float(test.pvalue), "diff": statistics.mean(a) - statistics.mean(b),
+            "df": float(test.df), "ci95": [float(interval.low), float(interval.high)]}
+
+
+def plot_seed_bars(ax: Any, seeds_per_arm: Sequence[Sequence[float]]) -> None:
+    """One bar per arm at x = 0, 1, ...: its mean ± sample std over seeds, with every seed as a dot."""
+    for i, values in enumerate(seeds_per_arm):
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        ax.bar(i, statistics.mean(values), yerr=spread, capsize=6, alpha=0.6, color=f"C{i}")
+        ax.scatter([i] * len(values), values, color="black", zorder=3, s=14)
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
