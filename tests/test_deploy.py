@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from fcaformer.cli import export as export_command
 from fcaformer.cli import main
 from fcaformer.deploy import (
     OnnxRunner,
@@ -137,16 +138,18 @@ def test_missing_deploy_extra_is_one_clear_line(tmp_path, monkeypatch, capsys) -
     assert code == 2 and err[-1].startswith("error: openvino is not installed") and "fcaformer[deploy]" in err[-1]
 
 
-def test_cli_export_openvino_int8_with_calibration(tmp_path, capsys) -> None:
+def test_cli_export_openvino_int8_with_calibration(tmp_path, capsys, monkeypatch) -> None:
     deploy_installed()
+    monkeypatch.setattr(export_command, "LOW_AGREEMENT", 1.01)  # any agreement is "low": the hint must show
     root = shared_path("data", "imagenette-160")
     output = tmp_path / "m_int8.xml"
     code = main(["export", "--checkpoint", str(TRAINED), "--format", "openvino", "--precision", "int8",
                  "--calib", str(root / "train"), "--calib-images", "16", "--check-images", "16", "-o", str(output)])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0 and output.exists()
     assert f"{SIZE}x{SIZE}" in out  # the checkpoint's own training size is the default
     assert "top-1 agreement with PyTorch fp32" in out and "of 16 images" in out
+    assert "note: below 101%; `--format openvino --min-agreement 99.5`" in err
 
 
 def test_cli_export_int8_without_calibration_is_an_error(capsys) -> None:

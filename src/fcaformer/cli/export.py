@@ -76,6 +76,8 @@ class ExportSource:
 
 
 _GENERIC_STEMS = ("model", "best", "last", "checkpoint", "weights", "model_ema")
+LOW_AGREEMENT = 0.99
+"""An int8 top-1 agreement with fp32 below this on the check images earns a hint towards ``--min-agreement``."""
 
 
 def _output_stem(checkpoint: str, model_name: str | None) -> str:
@@ -190,6 +192,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"round-trip check on {where}: max relative error vs PyTorch fp32 = {result.max_relative_error:.2e}")
         if result.top1_agreement is not None:
             print(f"top-1 agreement with PyTorch fp32: {result.top1_agreement:.2%} of {result.check_images} images")
+            if result.precision == "int8" and args.min_agreement is None and result.top1_agreement < LOW_AGREEMENT:
+                print(f"note: below {LOW_AGREEMENT:.0%}; `--format openvino --min-agreement 99.5` gives the most "
+                      "sensitive layers back to fp32 until the agreement holds (docs/deployment.md)", file=sys.stderr)
         elif not args.calib:
             print("note: pass --calib DIR (real images) to also check the export on real images", file=sys.stderr)
         if result.precision == "fp32" and result.max_relative_error > 1e-4:
