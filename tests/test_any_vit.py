@@ -31,7 +31,8 @@ from fcaformer.train.data import ImageDataset, build_transforms, eval_loader
 from fcaformer.train.datasets import load_image_lists
 from fcaformer.train.engine import CALIBRATION_IMAGES
 from fcaformer.train.precise_bn import calibration_loader
-from fcaformer.weights import load_model
+from fcaformer.weights import convert_to_hub, load_model
+from fcaformer.weights.project import save_model
 from tests._train_helpers import TINY_MODEL, tiny_overrides
 from tests.conftest import shared_path
 
@@ -279,6 +280,22 @@ def test_onnx_export_matches_pytorch(family: str) -> None:
     x = torch.randn(2, 3, 64, 64)
     session = onnx_session(onnx_bytes(model, x))
     assert check_onnx(session, model, [x, torch.randn(3, 3, 64, 64)]) < 1e-4  # measured ~1e-6
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_converted_checkpoint_becomes_a_hub_folder_that_timm_loads(family: str, tmp_path: Path) -> None:
+    """``fcaformer convert`` of an ``fca_any`` checkpoint: timm's ``local-dir:`` load builds the converted model
+    (not its base) and loads its weights, with the same logits."""
+    base_name, kwargs = BASES[family]
+    model = randomize_weights_(add_forward_cross_attention(_base(family), init="scratch")).eval()
+    save_model(tmp_path / "fca.safetensors", model, "fca_any", {"base": base_name, **kwargs})
+    report = convert_to_hub(tmp_path / "fca.safetensors", tmp_path / "hub")
+    assert report.relative_diff == 0.0
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    assert type(loaded) is type(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 # ------------------------------------------------------------------------------------------------- training

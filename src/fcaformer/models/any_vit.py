@@ -28,7 +28,7 @@ import timm
 import torch
 from timm.layers import LayerScale, Mlp
 from timm.layers import PatchEmbed as TimmPatchEmbed
-from timm.models import register_model
+from timm.models import load_pretrained, register_model
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models.swin_transformer import (
     SwinTransformer,
@@ -620,6 +620,10 @@ def fca_any(pretrained: bool = False, base: str | None = None, **kwargs: Any) ->
     ``NAME`` is built with the other keyword arguments (``pretrained`` loads its timm weights), then converted with
     the switches among them (:data:`SWITCHES`; ``init`` defaults to ``"keep"`` for pretrained weights, else
     ``"scratch"``). ``features_only=True`` wraps the converted model in timm's ``FeatureGetterNet``.
+
+    A ``pretrained_cfg`` (what timm passes for a hub folder or ``hf-hub:`` id whose architecture is ``fca_any``,
+    e.g. one written by ``fcaformer convert``) holds the *converted* model's weights: the base is built without
+    weights, converted, and those weights loaded strictly.
     """
     if not base:
         raise ValueError('fca_any needs base=<timm model name>, e.g. timm.create_model("fca_any", '
@@ -627,11 +631,17 @@ def fca_any(pretrained: bool = False, base: str | None = None, **kwargs: Any) ->
     switches, base_kwargs = split_switches(kwargs)
     features_only = base_kwargs.pop("features_only", False)
     out_indices: int | Sequence[int] | None = base_kwargs.pop("out_indices", None)
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay"):  # timm's cfgs are the base's, not this entry's
-        if base_kwargs.get(key) is None:
-            base_kwargs.pop(key, None)
-    switches.setdefault("init", "keep" if pretrained else "scratch")
-    model = add_forward_cross_attention(timm.create_model(base, pretrained=pretrained, **base_kwargs), **switches)
+    own_cfg = base_kwargs.pop("pretrained_cfg", None)
+    if base_kwargs.get("pretrained_cfg_overlay") is None:  # an overlay is the base's (e.g. its weights' file)
+        base_kwargs.pop("pretrained_cfg_overlay", None)
+    load_own = pretrained and isinstance(own_cfg, dict)
+    switches.setdefault("init", "keep" if pretrained and not load_own else "scratch")
+    model = add_forward_cross_attention(timm.create_model(base, pretrained=pretrained and not load_own,
+                                                          **base_kwargs), **switches)
+    if load_own:
+        load_pretrained(model, pretrained_cfg=own_cfg, num_classes=model.num_classes,
+                        in_chans=base_kwargs.get("in_chans", 3))
+        model.pretrained_cfg = {**model.pretrained_cfg, **own_cfg}
     if features_only:
         default = 3 if isinstance(model, VisionTransformer) else tuple(range(len(model.layers)))
         model = FeatureGetterNet(model, out_indices=default if out_indices is None else out_indices)

@@ -109,7 +109,11 @@ def convert_to_hub(
     measured: dict[str, float] = {}
 
     def card(folder: Path) -> str:
-        loaded = timm.create_model(f"{LOCAL_PREFIX}{folder}", pretrained=True)
+        try:
+            loaded = timm.create_model(f"{LOCAL_PREFIX}{folder}", pretrained=True)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"the written folder does not load back through timm ({error}); nothing written") \
+                from error
         got = _logits(loaded, size, in_chans)
         measured["max_abs_diff"] = (got - expected).abs().max().item()
         measured["relative_diff"] = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
@@ -124,7 +128,8 @@ def convert_to_hub(
     training = training_record(record)
     tag = training.pop("tag")
     # timm's default cfg says what the registered variant was pretrained on (in1k, 224 px): say what these are
-    cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), "tag": tag}
+    # the registered name rebuilds the model: fca_any keeps its base's cfg, whose architecture is the base's
+    cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), "architecture": name, "tag": tag}
     cfg.pop("pool_size", None)
     model.pretrained_cfg = {**cfg, **_pool_size(model, in_chans, size)}
 
@@ -190,7 +195,8 @@ def _pool_size(model: nn.Module, in_chans: int, size: int) -> dict[str, Any]:
 def _model_data_config(model: nn.Module) -> dict[str, Any]:
     """The preprocessing of a timm model's ``pretrained_cfg`` at its native size, in data-config form."""
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    size = getattr(model, "img_size", None)
+    # FcaFormers say their size; timm's ViTs and Swins (converted ones too) say it in their patch embedding
+    size = getattr(model, "img_size", None) or getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size is not None:
         side = size if isinstance(size, int) else size[-1]
         cfg["input_size"] = (getattr(model, "in_chans", 3), side, side)
