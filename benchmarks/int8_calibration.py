@@ -13,9 +13,9 @@ For each model, OpenVINO int8 and ONNX Runtime int8 (NNCF, as ``fcaformer export
 - ``path-sorted`` (before): a random sample of calibration + check files, sorted by path, its first
   ``--calib-images`` (which come from the first classes only);
 - ``balanced`` (now): :func:`fcaformer.deploy.calibration_and_check_images`;
-- ``balanced, min agreement 99 %`` (OpenVINO): the same calibration images, then NNCF's accuracy control gives
-  layers back to fp32 until 99 % of ``--control-images`` other training images agree with fp32
-  (``fcaformer export --min-agreement 99``);
+- ``balanced, min agreement P %`` (OpenVINO): the same calibration images, then NNCF's accuracy control gives
+  layers back to fp32 until ``--min-agreement`` P % of ``--control-images`` other training images agree with fp32
+  (``fcaformer export --min-agreement P``);
 
 then top-1 agreement with PyTorch fp32 and top-1 on every held-out val image (never used for calibration or
 control). Writes ``docs/int8_calibration.{json,md}``.
@@ -93,7 +93,7 @@ def path_sorted_calibration(root: Path, calibration: int, check: int, seed: int 
 
 
 def measure(checkpoint: Path, train: Path, val: Path, calib_images: int, check_images: int,
-            threads: int, control_images: int) -> list[dict[str, Any]]:
+            threads: int, control_images: int, min_agreement: float) -> list[dict[str, Any]]:
     """Agreement with PyTorch fp32 and top-1 on every ``val`` image, per calibration method and runtime."""
     model, raw = load_model(checkpoint)
     data_config = raw["data_config"]
@@ -106,11 +106,12 @@ def measure(checkpoint: Path, train: Path, val: Path, calib_images: int, check_i
         calibration = load_images(files, transform)
         for runtime in RUNTIMES:
             runners[(method, runtime)] = build_runner(model, runtime, "int8", size, threads, calibration)
-    controlled = "balanced, min agreement 99 %"
+    controlled = f"balanced, min agreement {min_agreement:g} %"
     first, _ = calibration_and_check_images(train, calib_images + control_images, 0)
     samples[controlled] = first[:calib_images]
     graph = to_openvino(inference_graph(model, "openvino", size), size, "int8", load_images(first[:calib_images],
-                        transform), control=load_images(first[calib_images:], transform), min_agreement=0.99)
+                        transform), control=load_images(first[calib_images:], transform),
+                        min_agreement=min_agreement / 100)
     runners[(controlled, "openvino")] = OpenVinoRunner(graph, threads, "int8")
     dataset = ImageFolder(str(val), transform)
     targets, reference = [], []
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-images", type=int, default=300)
     parser.add_argument("--check-images", type=int, default=100)
     parser.add_argument("--control-images", type=int, default=500)
+    parser.add_argument("--min-agreement", type=float, default=99.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-imagenette", action="store_true")
     args = parser.parse_args(argv)
@@ -167,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     sets = {"user-like (32 px JPEGs, 10 classes)": {
         "model": "shipped L1 fine-tuned at 64 px", "checkpoint_sha256": file_sha256(tuned),
         "rows": measure(tuned, user / "train", user / "val", args.calib_images, args.check_images, args.threads,
-                        args.control_images)}}
+                        args.control_images, args.min_agreement)}}
     if not args.skip_imagenette:
         sets["Imagenette (160 px JPEGs, 10 classes)"] = {
             "model": f"shipped L1 at 128 px ({relative_path(CHECKPOINT, ROOT)})",
             "checkpoint_sha256": file_sha256(CHECKPOINT),
             "rows": measure(CHECKPOINT, IMAGENETTE / "train", IMAGENETTE / "val", args.calib_images,
-                            args.check_images, args.threads, args.control_images)}
+                            args.check_images, args.threads, args.control_images, args.min_agreement)}
     results = {"machine": machine_info(), "threads": args.threads, "calib_images": args.calib_images,
                "control_images": args.control_images, "epochs": args.epochs, "sets": sets}
     atomic_report(results, markdown(results), args.out)

@@ -271,7 +271,7 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
                    help="project checkpoint, official release checkpoint, timm hub folder (local-dir:PATH) or timm "
                         "model name")
     p.add_argument("--weights", help="state_dict file for a timm model name")
-    p.add_argument("--topk", "-k", type=int, default=5)
+    p.add_argument("--topk", "--top-k", "-k", type=int, default=5, metavar="K", help="labels per image (default 5)")
     p.add_argument("--device", default="auto")
     _add_faithful_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
