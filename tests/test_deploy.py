@@ -9,6 +9,7 @@ near ties).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import openvino_irs
 from fcaformer.cli import export as export_command
 from fcaformer.cli import main
 from fcaformer.deploy import (
@@ -150,6 +152,11 @@ def test_cli_export_openvino_int8_with_calibration(tmp_path, capsys, monkeypatch
     assert f"{SIZE}x{SIZE}" in out  # the checkpoint's own training size is the default
     assert "top-1 agreement with PyTorch fp32" in out and "of 16 images" in out
     assert "note: below 101%; `--format openvino --min-agreement 99.5`" in err
+    # benchmarks/openvino_irs.py times exported IRs and counts what stayed in full precision
+    stem = tmp_path / "irs"
+    assert openvino_irs.main([str(output), "--repeats", "2", "--warmup", "1", "-o", str(stem)]) == 0
+    (row,) = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert row["fake_quantize"] > 0 and row["weighted_ops_quantized"] > 0 and row["ratio"] == 1.0
 
 
 def test_cli_export_int8_without_calibration_is_an_error(capsys) -> None:

@@ -70,16 +70,26 @@ class Timing:
         return cls(statistics.median(ms), p90, ms[0], len(ms))
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+"""CPU features that change what int8 and bf16 gain (/proc/cpuinfo names); benchmarks record which are present."""
+
+
 def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on (CPU model, cores, torch threads, load average)."""
+    """What the numbers were measured on (CPU model and its int8/bf16 features, cores, torch threads, load
+    average)."""
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+            lines = handle.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        present = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+        flags = [flag for flag in SPEED_FLAGS if flag in present]
     except (OSError, StopIteration):
         pass
     info = {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
