@@ -51,7 +51,15 @@ COMMON = ["data.img_size=64", "data.train_per_class=null", "run.threads=1", "run
 SOURCE: dict[str, list[str]] = {"vit": ["run.epochs=10", "optim.lr=3e-4", "run.seed=0"],
                                  "swin": ["run.epochs=6", "optim.lr=3e-4", "run.seed=0"]}
 FINETUNE = ["run.epochs=3", "optim.lr=2e-4", "optim.warmup_epochs=0.3"]
-ARMS: dict[str, list[str]] = {"plain": [], "fca": ["model.forward_cross_attention=true"]}
+ARMS: dict[str, list[str]] = {
+    "plain": [],
+    "fca": ["model.forward_cross_attention=true"],
+    # the same conversion without cross tokens: what the Fca blocks' other new parts (the TME enhance conv, the
+    # split LayerNorm) do on their own
+    "fca_no_cross": ["model.forward_cross_attention=true", "model.kwargs.cross_attention=false"],
+}
+COMPARISONS = (("fca", "plain"), ("fca_no_cross", "plain"), ("fca", "fca_no_cross"))
+"""Pairs of arms compared with Welch's test (first − second)."""
 QUICK = ["run.epochs=1", "data.train_per_class=8", "data.val_per_class=4", "data.cache=false"]
 OPENING_STEPS, OPENING_IMAGES = 300, 2048  # the opening check: steps of 32 images, from this many training images
 EFFECT = 1.0  # points of top-1: the difference whose detection the power analysis asks about
@@ -263,8 +271,8 @@ def welch_power(effect: float, std_a: float, std_b: float, n_a: int, n_b: int) -
 
 
 def compare(fca: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
-    """fca − plain: difference of the means, Welch's t-test with its 95 % CI, and its power against
-    :data:`EFFECT` points at the observed spreads."""
+    """One arm − another (e.g. fca − plain): difference of the means, Welch's t-test with its 95 % CI, and its
+    power against :data:`EFFECT` points at the observed spreads."""
     from fcaformer.train.metrics import welch_test
 
     welch = welch_test(fca["top1"], plain["top1"])
@@ -293,7 +301,8 @@ def aggregate(results: dict[str, dict[str, list[dict[str, Any]]]], sources: dict
                        "epoch_time_s": src["mean_epoch_time_s"]},
             "conversion": checks[model],
             "arms": summary,
-            "fca_vs_plain": compare(summary["fca"], summary["plain"]) if len(summary) == 2 else {},
+            "versus": {f"{a} - {b}": compare(summary[a], summary[b]) for a, b in COMPARISONS
+                       if a in summary and b in summary},
             "fca_after_finetuning": analyses[model],
         }
     return table
@@ -325,12 +334,13 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
             per_seed = ", ".join(f"{v:.2f}" for v in arm_row["top1"])
             lines.append(f"| {arm} | {len(arm_row['seeds'])} | {arm_row['top1_mean']:.2f} ± {arm_row['top1_std']:.2f}"
                          f" | {per_seed} | {arm_row['params'] / 1e6:.3f} M | {arm_row['epoch_time_s']:.0f} |")
-        versus = row["fca_vs_plain"]
-        if "ci95" in versus:
+        for pair, versus in row["versus"].items():
+            if "ci95" not in versus:
+                continue
             low, high = versus["ci95"]
-            lines += ["", f"fca − plain: {versus['diff']:+.2f} points, 95 % CI [{low:+.2f}, {high:+.2f}], Welch t "
-                      f"{versus['t']:.2f}, {versus['df']:.1f} df, p {versus['p']:.2g}; power against a 1-point "
-                      f"difference: {versus[f'power_at_{EFFECT:g}_point']:.2f}"]
+            lines += ["", f"{pair.replace(' - ', ' − ')}: {versus['diff']:+.2f} points, 95 % CI [{low:+.2f}, "
+                      f"{high:+.2f}], Welch t {versus['t']:.2f}, {versus['df']:.1f} df, p {versus['p']:.2g}; power "
+                      f"against a 1-point difference: {versus[f'power_at_{EFFECT:g}_point']:.2f}"]
         for opening in row["conversion"].get("opening", []):
             before, after = opening["before"], opening["after"]
             lines += ["", f"opening check (only the new parts trained, {opening['steps']} AdamW steps at lr "
@@ -357,7 +367,8 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
         ax.set_title(f"{model}: mean ± std over seeds (dots = seeds)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle("Imagenette 64 px: trained further as is (plain) or with forward cross attention added (fca)",
+    fig.suptitle("Imagenette 64 px: trained further as is (plain), with forward cross attention added (fca), or "
+                 "with the Fca blocks but no cross tokens (fca_no_cross)",
                  fontsize=10)
     save_figure(fig, figure)
 
@@ -378,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = QUICK if args.quick else []
 
     from fcaformer import add_forward_cross_attention
+    from fcaformer.files import atomic_json_dump
     from fcaformer.weights import load_model
 
     checkpoints, sources, checks = {}, {}, {}
@@ -391,9 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     starts = {}
     opening_images = calibration_images(args.data, extra, 64 if args.quick else OPENING_IMAGES)
     for model in args.models:
-        checks[model] = conversion_check(checkpoints[model], batches, calibration)
-        checks[model]["opening"] = [opening_check(checkpoints[model], calibration, opening_images, batches, lr=lr,
-                                                  steps=3 if args.quick else OPENING_STEPS) for lr in (1e-3, 1e-2)]
+        saved = args.runs / f"{model}-conversion.json"  # kept with the runs: a restarted script reuses it
+        if saved.exists():
+            checks[model] = json.loads(saved.read_text())
+        else:
+            checks[model] = conversion_check(checkpoints[model], batches, calibration)
+            checks[model]["opening"] = [opening_check(checkpoints[model], calibration, opening_images, batches,
+                                                      lr=lr, steps=3 if args.quick else OPENING_STEPS)
+                                        for lr in (1e-3, 1e-2)]
+            atomic_json_dump(checks[model], saved)
         print(f"--- {model} converted: {json.dumps(checks[model])}", flush=True)
         starts[model] = add_forward_cross_attention(load_model(checkpoints[model])[0], calibration_images=calibration)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {m: {arm: [] for arm in ARMS} for m in args.models}
@@ -413,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- {model} {arm} seed {seed}: top-1 {result['val']['top1']:.2f}% "
                       f"({result['mean_epoch_time_s']:.1f} s/epoch)", flush=True)
     table = aggregate(results, sources, checks, analyses)
-    print(f"--- fca - plain: {json.dumps({m: row['fca_vs_plain'] for m, row in table['models'].items()})}")
+    print(f"--- comparisons: {json.dumps({m: row['versus'] for m, row in table['models'].items()})}")
     return 0
 
 

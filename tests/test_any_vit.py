@@ -353,3 +353,25 @@ def test_train_cli_errors_name_the_problem(tmp_path: Path, capsys) -> None:
     assert cli_main(["train", "--set", *tiny_overrides(tmp_path / "b", "model.forward_cross_attention=true")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "supports timm's VisionTransformer and SwinTransformer" in err
+
+
+def test_committed_evidence_is_what_the_script_writes_from_its_runs(tmp_path: Path) -> None:
+    """docs/any_vit/results.md is benchmarks/any_vit_fca.py's report of results.json, and every Welch comparison in
+    it matches scipy on the per-seed top-1 values."""
+    from scipy.stats import ttest_ind
+
+    from benchmarks.any_vit_fca import COMPARISONS, write_outputs
+
+    table = json.loads((DOCS / "results.json").read_text())
+    write_outputs(table, tmp_path, tmp_path / "figure.png")
+    assert (tmp_path / "results.md").read_text() == (DOCS / "results.md").read_text()
+    assert (tmp_path / "figure.png").stat().st_size > 10_000
+    for model, row in table["models"].items():
+        assert set(row["arms"]) == {"plain", "fca", "fca_no_cross"} and all(
+            len(arm["top1"]) == 3 for arm in row["arms"].values())
+        for first, second in COMPARISONS:
+            a, b = row["arms"][first]["top1"], row["arms"][second]["top1"]
+            versus = row["versus"][f"{first} - {second}"]
+            assert versus["diff"] == pytest.approx(sum(a) / 3 - sum(b) / 3, abs=1e-9)
+            if a != b:
+                assert versus["p"] == pytest.approx(ttest_ind(a, b, equal_var=False).pvalue), (model, first, second)
