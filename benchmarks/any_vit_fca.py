@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,10 @@ def welch_power(effect: float, std_a: float, std_b: float, n_a: int, n_b: int) -
     return float(nct.sf(critical, df, shift) + nct.cdf(-critical, df, shift))
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def compare(fca: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
     """One arm − another (e.g. fca − plain): difference of the means, Welch's t-test with its 95 % CI, and its
     power against :data:`EFFECT` points at the observed spreads."""
@@ -278,8 +283,9 @@ def compare(fca: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
     welch = welch_test(fca["top1"], plain["top1"])
     if welch is None:
         return {"diff": fca["top1_mean"] - plain["top1_mean"]}
-    return {**welch, f"power_at_{EFFECT:g}_point": welch_power(EFFECT, fca["top1_std"], plain["top1_std"],
-                                                                 len(fca["top1"]), len(plain["top1"]))}
+    power = welch_power(EFFECT, fca["top1_std"], plain["top1_std"], len(fca["top1"]), len(plain["top1"]))
+    # undefined (NaN) where the two arms have no spread in their difference: null in the JSON, "n/a" in the report
+    return {**welch, f"power_at_{EFFECT:g}_point": None if math.isnan(power) else power}
 
 
 def aggregate(results: dict[str, dict[str, list[dict[str, Any]]]], sources: dict[str, dict[str, Any]],
@@ -340,7 +346,7 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
             low, high = versus["ci95"]
             lines += ["", f"{pair.replace(' - ', ' − ')}: {versus['diff']:+.2f} points, 95 % CI [{low:+.2f}, "
                       f"{high:+.2f}], Welch t {versus['t']:.2f}, {versus['df']:.1f} df, p {versus['p']:.2g}; power "
-                      f"against a 1-point difference: {versus[f'power_at_{EFFECT:g}_point']:.2f}"]
+                      f"against a 1-point difference: {_number(versus[f'power_at_{EFFECT:g}_point'])}"]
         for opening in row["conversion"].get("opening", []):
             before, after = opening["before"], opening["after"]
             lines += ["", f"opening check (only the new parts trained, {opening['steps']} AdamW steps at lr "
