@@ -316,7 +316,7 @@ def aggregate(results: dict[str, dict[str, list[dict[str, Any]]]], sources: dict
 
 def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     from fcaformer.files import atomic_report, pyplot, save_figure
-    from fcaformer.train.metrics import plot_seed_bars
+    from fcaformer.train.metrics import plot_seed_panel
 
     plt = pyplot()
 
@@ -364,15 +364,8 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     models = list(table["models"].items())
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, (model, row) in zip(axes[0], models):
-        plot_seed_bars(ax, [arm_row["top1"] for arm_row in row["arms"].values()])
-        ax.axhline(row["source"]["top1"], color="grey", lw=1, ls=":", label="source")
-        ax.set_xticks(range(len(row["arms"])), list(row["arms"]))
-        values = [v for arm_row in row["arms"].values() for v in arm_row["top1"]] + [row["source"]["top1"]]
-        ax.set_ylim(min(values) - 3, max(values) + 3)
-        ax.set_ylabel("val top-1 (%)")
-        ax.set_title(f"{model}: mean ± std over seeds (dots = seeds)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        plot_seed_panel(ax, {arm: arm_row["top1"] for arm, arm_row in row["arms"].items()}, model, "val top-1 (%)",
+                        reference=(row["source"]["top1"], "source"), legend_loc="lower right")
     fig.suptitle("Imagenette 64 px: trained further as is (plain), with forward cross attention added (fca), or "
                  "with the Fca blocks but no cross tokens (fca_no_cross)",
                  fontsize=10)

@@ -210,7 +210,7 @@ def aggregate(studies: dict[str, dict[str, list[dict[str, Any]]]], pretrain_resu
 
 def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     from fcaformer.files import atomic_report, pyplot, save_figure
-    from fcaformer.train.metrics import plot_seed_bars
+    from fcaformer.train.metrics import plot_seed_panel
 
     plt = pyplot()
 
@@ -236,15 +236,9 @@ def write_outputs(table: dict[str, Any], out: Path, figure: Path) -> None:
     studies = list(table["studies"].items())
     fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4), squeeze=False)
     for ax, (study, content) in zip(axes[0], studies):
-        plot_seed_bars(ax, [row["top1"] for row in content["arms"].values()])
-        ax.axhline(20, color="grey", lw=1, ls=":", label="chance (5 classes)")
-        ax.set_xticks(range(len(content["arms"])),
-                      [f"{name}\n{setting_text(row['setting'])}" for name, row in content["arms"].items()])
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("val top-1 on the 5 new classes (%)")
-        ax.set_title(f"{study}: mean ± std over seeds (dots = seeds)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        arms = {f"{name}\n{setting_text(row['setting'])}": row["top1"] for name, row in content["arms"].items()}
+        plot_seed_panel(ax, arms, study, "val top-1 on the 5 new classes (%)", reference=(20, "chance (5 classes)"),
+                        ylim=(0, 100), legend_loc="upper right")
     fig.suptitle(f"{table['model']} pretrained on 5 Imagenette classes, then 20 images per class of 5 others",
                  fontsize=10)
     save_figure(fig, figure)

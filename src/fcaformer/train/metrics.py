@@ -55,12 +55,27 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
             "df": float(test.df), "ci95": [float(interval.low), float(interval.high)]}
 
 
-def plot_seed_bars(ax: Any, seeds_per_arm: Sequence[Sequence[float]]) -> None:
-    """One bar per arm at x = 0, 1, ...: its mean ± sample std over seeds, with every seed as a dot."""
-    for i, values in enumerate(seeds_per_arm):
+def plot_seed_panel(ax: Any, arms: Mapping[str, Sequence[float]], title: str, ylabel: str,
+                    reference: tuple[float, str] | None = None, ylim: tuple[float, float] | None = None,
+                    legend_loc: str = "best") -> None:
+    """One bar per arm (labelled with its key): its mean ± sample std over seeds, with every seed as a dot, and an
+    optional dotted ``(value, label)`` reference line. ``ylim`` defaults to 3 points around all values."""
+    for i, values in enumerate(arms.values()):
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         ax.bar(i, statistics.mean(values), yerr=spread, capsize=6, alpha=0.6, color=f"C{i}")
         ax.scatter([i] * len(values), values, color="black", zorder=3, s=14)
+    if reference is not None:
+        ax.axhline(reference[0], color="grey", lw=1, ls=":", label=reference[1])
+    ax.set_xticks(range(len(arms)), list(arms))
+    if ylim is None:
+        values = [v for seeds in arms.values() for v in seeds] + ([reference[0]] if reference else [])
+        ylim = (min(values) - 3, max(values) + 3)
+    ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}: mean ± std over seeds (dots = seeds)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    if reference is not None:
+        ax.legend(loc=legend_loc, fontsize=8)
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
