@@ -87,7 +87,6 @@ def inference_graph(model: nn.Module, runtime: str, img_size: tuple[int, int] | 
     return fuse_model(model)
 
 
-
 # ---------------------------------------------------------------------------------------------------- ONNX
 def relative_error(out: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
     """``||out - ref|| / ||ref||`` in float64 (tiny outputs must not underflow to a zero error)."""
@@ -372,7 +371,6 @@ def quantize_onnx(model_bytes: bytes, calibration: torch.Tensor) -> bytes:
 def to_onnx(graph: nn.Module, img_size: tuple[int, int], precision: str = "fp32",
             calibration: torch.Tensor | None = None, dynamic_batch: bool = True) -> bytes:
     """Serialised ONNX model of an inference graph, fp32 or int8 (:func:`quantize_onnx`)."""
-
     check_precision("onnxruntime", precision)
     example = torch.zeros(2 if dynamic_batch else 1, 3, *img_size)
     data = onnx_bytes(graph, example, dynamic_batch=dynamic_batch)
@@ -450,7 +448,6 @@ class OnnxRunner(Runner):
     """An ONNX Runtime CPU session (worker threads do not spin, so interleaved timings stay fair)."""
 
     def __init__(self, model_bytes: bytes, threads: int | None = None, precision: str = "fp32") -> None:
-
         self.model_bytes, self.threads, self.runtime, self.precision = model_bytes, threads, "onnxruntime", precision
         self.session = onnx_session(model_bytes, threads=threads, spin=False)
         self.input_name = self.session.get_inputs()[0].name

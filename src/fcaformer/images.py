@@ -17,10 +17,6 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _has_magic(text: str) -> bool:
-    return glob.has_magic(text)
-
-
 def expand_image_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
     """The image files that ``inputs`` name, in order, each once.
 
@@ -41,7 +37,7 @@ def expand_image_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = F
     paths: list[Path] = []
     for item in map(os.fspath, inputs):
         candidates = [item]
-        if not os.path.exists(item) and _has_magic(item):
+        if not os.path.exists(item) and glob.has_magic(item):
             candidates = sorted(glob.glob(item, recursive=True))
             if not candidates:
                 raise FileNotFoundError(f"no file matches {item!r}")

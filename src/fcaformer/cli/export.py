@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..export import EXPORT_FORMATS, SUFFIXES
+from ..weights.hub import LOCAL_PREFIX
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,7 +83,7 @@ LOW_AGREEMENT = 0.99
 
 def _output_stem(checkpoint: str, model_name: str | None) -> str:
     """``<file stem>`` or, for a generic name like ``runs/cifar10/model.pt``, ``<run folder>_<model name>``."""
-    path = Path(checkpoint.removeprefix("local-dir:"))
+    path = Path(checkpoint.removeprefix(LOCAL_PREFIX))
     stem = path.stem if path.suffix else path.name
     if stem.lower() in _GENERIC_STEMS:
         stem = "_".join(part for part in (path.resolve().parent.name, model_name) if part)
